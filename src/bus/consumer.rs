@@ -1,0 +1,513 @@
+//! Typed consumers: one durable queue per handler, the delivery loop, and the one place that
+//! decides what happens to a delivery.
+//!
+//! Acknowledgement policy (the whole of it):
+//!
+//! | handler outcome | database | message |
+//! |---|---|---|
+//! | `Ok(())` | inbox + effects + outbox committed | ack |
+//! | duplicate (inbox hit) | nothing | ack |
+//! | `Retry`, attempts left | rolled back | copy to `sluice.retry.<delay>`, confirmed, then ack |
+//! | `Retry`, attempts exhausted; `Reject`; undecodable body; unknown `type` | rolled back | copy to `<queue>.dlq` with reason headers, confirmed, then ack |
+//! | the move above fails, or the process dies mid-way | rolled back | not acked: the broker redelivers |
+//!
+//! Nothing is acknowledged before its outcome is durable, so a crash at any point leads to a
+//! redelivery, never a loss, and the inbox turns the redelivery into a no-op if the effect
+//! had already committed.
+
+use std::{marker::PhantomData, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use futures_util::{FutureExt, StreamExt};
+use prost::Message as _;
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::Delivery,
+    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::{
+    Error, Publisher, Rpc,
+    connection::{BoxFuture, Link, Session},
+    handler::{Context, DRAIN_TIMEOUT, Handler, HandlerError, Metadata, Responder},
+    headers::{self, TraceContext},
+    relay, topology,
+};
+use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Store}};
+
+/// What the bus does with a delivery once its handler has spoken.
+#[derive(Debug)]
+enum Outcome {
+    Ack,
+    Retry(String),
+    DeadLetter { reason: &'static str, error: String },
+}
+
+/// Shared by every delivery of a consumer.
+struct Shared {
+    store: Store,
+    publisher: Publisher,
+    config: BusConfig,
+}
+
+/// A handler with its event type erased, so a consumer can hold many.
+trait Route: Send + Sync + 'static {
+    fn queue(&self) -> &str;
+    fn routing_key(&self) -> &'static str;
+    fn process<'a>(&'a self, delivery: &'a Delivery, shared: &'a Shared) -> BoxFuture<'a, Outcome>;
+}
+
+struct TypedRoute<E, H> {
+    handler: H,
+    name: String,
+    queue: String,
+    _event: PhantomData<fn(E)>,
+}
+
+impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
+    fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    fn routing_key(&self) -> &'static str {
+        E::ROUTING_KEY
+    }
+
+    fn process<'a>(&'a self, delivery: &'a Delivery, shared: &'a Shared) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let properties = &delivery.properties;
+            let type_name = properties.kind().as_ref().map(|s| s.as_str()).unwrap_or("");
+            if type_name != E::FULL_NAME {
+                return Outcome::DeadLetter {
+                    reason: "unknown-type",
+                    error: format!("expected type {}, got {type_name:?}", E::FULL_NAME),
+                };
+            }
+            let event = match E::decode(delivery.data.as_slice()) {
+                Ok(event) => event,
+                Err(error) => return Outcome::DeadLetter { reason: "undecodable", error: error.to_string() },
+            };
+            let Some(event_id) = properties.message_id().as_ref().map(|s| s.to_string()).filter(|s| !s.is_empty()) else {
+                return Outcome::DeadLetter { reason: "missing-message-id", error: "the message has no message_id".into() };
+            };
+            let empty = FieldTable::default();
+            let hdrs = properties.headers().as_ref().unwrap_or(&empty);
+            let meta = Metadata {
+                event_id: event_id.clone(),
+                routing_key: headers::header_str(hdrs, headers::ORIGINAL_ROUTING_KEY)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| E::ROUTING_KEY.to_owned()),
+                correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+                occurred_at: headers::header_str(hdrs, "cloudEvents_time")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_else(headers::now),
+                attempt: headers::header_u32(hdrs, headers::ATTEMPT).unwrap_or(1),
+                handler: self.name.clone(),
+                queue: self.queue.clone(),
+            };
+            let span = tracing::info_span!(
+                "process",
+                otel.name = %format!("process {}", self.queue),
+                otel.kind = "consumer",
+                messaging.system = "rabbitmq",
+                messaging.operation.type = "process",
+                messaging.destination.name = %self.queue,
+                messaging.rabbitmq.destination.routing_key = E::ROUTING_KEY,
+                messaging.message.id = %event_id,
+                event_id = %event_id,
+                order_id = %meta.correlation_id.as_deref().unwrap_or(""),
+                handler = %self.name,
+                attempt = meta.attempt,
+            );
+            let _ = span.set_parent(TraceContext::extract(hdrs));
+            self.run_handler(event, meta, shared).instrument(span).await
+        })
+    }
+}
+
+impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
+    async fn run_handler(&self, event: E, meta: Metadata, shared: &Shared) -> Outcome {
+        let event_id = meta.event_id.clone();
+        let mut tx = match shared.store.begin().await {
+            Ok(tx) => tx,
+            Err(error) => return Outcome::Retry(format!("opening a transaction: {error}")),
+        };
+        match store::claim(&mut tx, &event_id, &self.name).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!("duplicate delivery acknowledged without effect");
+                return Outcome::Ack;
+            }
+            Err(error) => return Outcome::Retry(format!("recording the inbox entry: {error}")),
+        }
+        let mut ctx = Context::new(tx, meta);
+        let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().await;
+        match result {
+            Ok(Ok(())) => {
+                let (mut tx, emitted) = ctx.into_parts();
+                if let Err(error) = store::stage(&mut tx, &emitted).await {
+                    return Outcome::Retry(format!("staging emitted events: {error}"));
+                }
+                if let Err(error) = tx.commit().await {
+                    return Outcome::Retry(format!("committing: {error}"));
+                }
+                if !emitted.is_empty() {
+                    shared.store.wake_relay();
+                }
+                tracing::debug!(emitted = emitted.len(), "handled");
+                Outcome::Ack
+            }
+            Ok(Err(HandlerError::Retry(error))) => Outcome::Retry(error_chain(&*error)),
+            Ok(Err(HandlerError::Reject(error))) => Outcome::DeadLetter { reason: "rejected", error: error_chain(&*error) },
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Outcome::Retry(format!("handler panicked: {message}"))
+            }
+        }
+    }
+}
+
+/// `error: cause: cause`, for dead-letter headers and logs.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A request type served over request/reply, type erased.
+trait Serve: Send + Sync + 'static {
+    fn queue(&self) -> &'static str;
+    fn reply<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<Vec<u8>, String>>;
+}
+
+struct TypedServe<R, S> {
+    responder: S,
+    _request: PhantomData<fn(R)>,
+}
+
+impl<R: Rpc, S: Responder<R>> Serve for TypedServe<R, S> {
+    fn queue(&self) -> &'static str {
+        R::QUEUE
+    }
+
+    fn reply<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let request = R::decode(delivery.data.as_slice()).map_err(|e| format!("undecodable request: {e}"))?;
+            let reply = self.responder.respond(request).await.map_err(|e| error_chain(&*e))?;
+            Ok(reply.encode_to_vec())
+        })
+    }
+}
+
+/// Declares a service's queues and handlers; [`ConsumerBuilder::start`] makes it consume.
+pub struct ConsumerBuilder {
+    service: String,
+    config: BusConfig,
+    store: Store,
+    routes: Vec<Arc<dyn Route>>,
+    serves: Vec<Arc<dyn Serve>>,
+}
+
+impl ConsumerBuilder {
+    /// Subscribes `handler` to events of type `E` on the queue `<service>.<handler name>`.
+    pub fn on<E: Event, H: Handler<E>>(mut self, handler: H) -> Self {
+        let name = handler.name();
+        let queue = topology::handler_queue(&self.service, &name);
+        self.routes.push(Arc::new(TypedRoute::<E, H> { handler, name, queue, _event: PhantomData }));
+        self
+    }
+
+    /// Answers requests of type `R` (request/reply) with `responder`.
+    pub fn serve<R: Rpc, S: Responder<R>>(mut self, responder: S) -> Self {
+        self.serves.push(Arc::new(TypedServe::<R, S> { responder, _request: PhantomData }));
+        self
+    }
+
+    /// Connects (a consuming and a publishing connection), declares the topology, starts every
+    /// handler and the outbox relay. When this returns, every queue exists, is bound and has a
+    /// consumer: anything published afterwards will be handled.
+    pub async fn start(self) -> Result<Consumer, Error> {
+        let mut names: Vec<&str> = self.routes.iter().map(|r| r.queue()).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::InvalidName(format!("two handlers share the queue {}", pair[0])));
+        }
+        let publisher = Publisher::connect(&self.config, &self.service).await?;
+        let shared = Arc::new(Shared { store: self.store.clone(), publisher: publisher.clone(), config: self.config.clone() });
+        let intake = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let session = Consuming {
+            service: self.service.clone(),
+            routes: self.routes,
+            serves: self.serves,
+            shared: shared.clone(),
+            intake: intake.clone(),
+            tracker: tracker.clone(),
+        };
+        let link = Link::open(&self.config.url, &format!("{}.consumer", self.service), session).await?;
+        let relay_stop = CancellationToken::new();
+        let relay = tokio::spawn(relay::run(self.store.clone(), publisher.clone(), relay_stop.clone()));
+        tracing::info!(service = %self.service, "consuming");
+        Ok(Consumer { service: self.service, link, publisher, intake, tracker, relay, relay_stop })
+    }
+}
+
+/// Everything opened on one consuming connection: (channel, consumer tag) per queue.
+struct Consumers(Vec<(Channel, ShortString)>);
+
+struct Consuming {
+    service: String,
+    routes: Vec<Arc<dyn Route>>,
+    serves: Vec<Arc<dyn Serve>>,
+    shared: Arc<Shared>,
+    intake: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Session for Consuming {
+    type Value = Consumers;
+
+    fn open<'a>(&'a self, connection: &'a Connection) -> BoxFuture<'a, Result<Consumers, Error>> {
+        Box::pin(async move {
+            let config = &self.shared.config;
+            let admin = connection.create_channel().await?;
+            topology::declare_exchange(&admin).await?;
+            topology::declare_retry_queues(&admin, &config.retry.delays()).await?;
+            let mut consumers = Vec::new();
+            for route in &self.routes {
+                let channel = connection.create_channel().await?;
+                channel.basic_qos(config.prefetch, BasicQosOptions::default()).await?;
+                topology::declare_handler_queue(&channel, route.queue(), route.routing_key(), config.queue_type).await?;
+                let tag = consumer_tag(&self.service, route.queue())?;
+                let stream = channel
+                    .basic_consume(topology::short(route.queue())?, tag.clone(), BasicConsumeOptions::default(), FieldTable::default())
+                    .await?;
+                let route = route.clone();
+                let shared = self.shared.clone();
+                let (intake, tracker) = (self.intake.clone(), self.tracker.clone());
+                self.tracker.spawn(delivery_loop(stream, intake, tracker, move |delivery| {
+                    let (route, shared) = (route.clone(), shared.clone());
+                    async move {
+                        let outcome = route.process(&delivery, &shared).await;
+                        settle(delivery, route.queue(), outcome, &shared).await;
+                    }
+                }));
+                consumers.push((channel, tag));
+            }
+            for serve in &self.serves {
+                let channel = connection.create_channel().await?;
+                channel.basic_qos(config.prefetch, BasicQosOptions::default()).await?;
+                topology::declare_request_queue(&channel, serve.queue()).await?;
+                let tag = consumer_tag(&self.service, serve.queue())?;
+                let stream = channel
+                    .basic_consume(topology::short(serve.queue())?, tag.clone(), BasicConsumeOptions::default(), FieldTable::default())
+                    .await?;
+                let (serve, reply_channel) = (serve.clone(), channel.clone());
+                let (intake, tracker) = (self.intake.clone(), self.tracker.clone());
+                self.tracker.spawn(delivery_loop(stream, intake, tracker, move |delivery| {
+                    let (serve, channel) = (serve.clone(), reply_channel.clone());
+                    async move { answer(&*serve, &channel, delivery).await }
+                }));
+                consumers.push((channel, tag));
+            }
+            let _ = admin.close(200, "topology declared".into()).await;
+            Ok(Consumers(consumers))
+        })
+    }
+}
+
+fn consumer_tag(service: &str, queue: &str) -> Result<ShortString, Error> {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    topology::short(&format!("{service}/{queue}/{}", &suffix[..8]))
+}
+
+/// Pulls deliveries until intake stops or the channel dies, one tracked task per delivery.
+/// Concurrency is bounded by the channel's prefetch: the broker sends no more than that many
+/// unacknowledged deliveries.
+async fn delivery_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, tracker: TaskTracker, handle: F)
+where
+    F: Fn(Delivery) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let next = tokio::select! {
+            _ = intake.cancelled() => return,
+            next = stream.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                tracker.spawn(handle(delivery));
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Acts on an outcome. The only place that acks, retries or dead-letters.
+async fn settle(delivery: Delivery, queue: &str, outcome: Outcome, shared: &Shared) {
+    let attempt = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| headers::header_u32(h, headers::ATTEMPT))
+        .unwrap_or(1);
+    let moved = match outcome {
+        Outcome::Ack => Ok(()),
+        Outcome::Retry(error) => match shared.config.retry.delay_after(attempt) {
+            Some(delay) => {
+                tracing::warn!(%error, attempt, ?delay, queue, "handler failed; retrying later");
+                let mut copy = headers_of(&delivery);
+                copy.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt + 1));
+                shared
+                    .publisher
+                    .send(&topology::retry_exchange(delay), queue, with_headers(&delivery.properties, copy), &delivery.data)
+                    .await
+            }
+            None => dead_letter(&delivery, queue, "retries-exhausted", &error, attempt, shared).await,
+        },
+        Outcome::DeadLetter { reason, error } => dead_letter(&delivery, queue, reason, &error, attempt, shared).await,
+    };
+    match moved {
+        Ok(()) => {
+            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                // The broker will redeliver; the inbox makes that harmless.
+                tracing::warn!(%error, queue, "ack failed");
+            }
+        }
+        Err(error) => {
+            tracing::error!(error.message = %error, queue, "could not move the message; returning it to the queue");
+            // Back off a little so a broker-side failure does not become a hot redelivery loop.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
+    }
+}
+
+async fn dead_letter(
+    delivery: &Delivery,
+    queue: &str,
+    reason: &str,
+    error: &str,
+    attempt: u32,
+    shared: &Shared,
+) -> Result<(), Error> {
+    tracing::error!(reason, error, attempt, queue, "dead-lettering message");
+    let mut copy = headers_of(delivery);
+    headers::set_str(&mut copy, headers::DEAD_LETTER_REASON, reason);
+    let error: String = error.chars().take(4_000).collect();
+    headers::set_str(&mut copy, headers::DEAD_LETTER_ERROR, &error);
+    headers::set_str(&mut copy, headers::ORIGINAL_QUEUE, queue);
+    if headers::header_str(&copy, headers::ORIGINAL_ROUTING_KEY).is_none() {
+        headers::set_str(&mut copy, headers::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
+    }
+    headers::set_str(&mut copy, headers::DEAD_LETTERED_AT, &headers::now().to_string());
+    copy.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt));
+    shared
+        .publisher
+        .send("", &topology::dead_letter_queue(queue), with_headers(&delivery.properties, copy), &delivery.data)
+        .await
+}
+
+fn headers_of(delivery: &Delivery) -> FieldTable {
+    let mut copy = delivery.properties.headers().clone().unwrap_or_default();
+    // Retried copies route by queue name; remember the event's own routing key.
+    if headers::header_str(&copy, headers::ORIGINAL_ROUTING_KEY).is_none() && delivery.exchange.as_str() == topology::EXCHANGE {
+        headers::set_str(&mut copy, headers::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
+    }
+    copy
+}
+
+fn with_headers(properties: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    properties.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+/// Serves one request and acks it. Replies go straight to the caller's reply-to address.
+async fn answer(serve: &dyn Serve, channel: &Channel, delivery: Delivery) {
+    let reply_to = delivery.properties.reply_to().clone();
+    let correlation_id = delivery.properties.correlation_id().clone();
+    let result = serve.reply(&delivery).await;
+    if let (Some(reply_to), Some(correlation_id)) = (reply_to, correlation_id) {
+        let mut properties = BasicProperties::default()
+            .with_content_type(headers::CONTENT_TYPE.into())
+            .with_correlation_id(correlation_id);
+        let body = match result {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::warn!(queue = serve.queue(), %error, "request failed");
+                let mut hdrs = FieldTable::default();
+                headers::set_str(&mut hdrs, headers::RPC_ERROR, &error);
+                properties = properties.with_headers(hdrs);
+                Vec::new()
+            }
+        };
+        if let Err(error) = channel.basic_publish("".into(), reply_to, BasicPublishOptions::default(), &body, properties).await {
+            tracing::warn!(%error, "sending a reply");
+        }
+    }
+    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(%error, "ack of a request failed");
+    }
+}
+
+/// A running consumer: its handlers, request responders and outbox relay.
+pub struct Consumer {
+    service: String,
+    link: Link<Consumers>,
+    publisher: Publisher,
+    intake: CancellationToken,
+    tracker: TaskTracker,
+    relay: tokio::task::JoinHandle<()>,
+    relay_stop: CancellationToken,
+}
+
+impl Consumer {
+    /// Starts building the consumer of `service` over `store`.
+    pub fn builder(service: &str, config: &BusConfig, store: &Store) -> ConsumerBuilder {
+        ConsumerBuilder { service: service.to_owned(), config: config.clone(), store: store.clone(), routes: Vec::new(), serves: Vec::new() }
+    }
+
+    /// Whether the consuming connection is up.
+    pub fn is_ready(&self) -> bool {
+        *self.link.ready().borrow()
+    }
+
+    /// Runs until `shutdown`, then stops cleanly: no new deliveries, in-flight handlers finish
+    /// (up to [`DRAIN_TIMEOUT`]), the outbox is flushed, connections close. Deliveries that did
+    /// not finish are not acknowledged and return to their queues.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
+        shutdown.cancelled().await;
+        tracing::info!(service = %self.service, "stopping intake");
+        self.intake.cancel();
+        if let super::connection::LinkState::Up { value, .. } = self.link.subscribe().borrow().clone() {
+            for (channel, tag) in &value.0 {
+                let _ = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
+            }
+        }
+        self.tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.tracker.wait()).await.is_err() {
+            tracing::warn!(service = %self.service, "in-flight handlers did not finish in time; they will be redelivered");
+        }
+        self.relay_stop.cancel();
+        let _ = self.relay.await;
+        self.link.close().await;
+        self.publisher.close().await;
+        tracing::info!(service = %self.service, "stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! What a service author implements: a typed [`Handler`] per event, a [`Responder`] per
+//! request type. The bus owns decoding, transactions, acknowledgements, retries and
+//! dead-lettering; a handler only decides *what happened*.
+
+use std::{future::Future, time::Duration};
+
+use sqlx::{Any, AnyConnection, Transaction};
+
+use super::{Rpc, headers::Envelope, topology::kebab_case};
+use crate::events::Event;
+
+/// Any error, boxed, as the source of a [`HandlerError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// How the bus should treat a failed delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Might succeed later (timeout, dependency down, data not there yet): redeliver after a
+    /// backoff delay, up to the retry limit, then dead-letter.
+    #[error("retryable: {0}")]
+    Retry(#[source] BoxError),
+    /// Will never succeed (invalid data, broken invariant): dead-letter now.
+    #[error("rejected: {0}")]
+    Reject(#[source] BoxError),
+}
+
+impl HandlerError {
+    /// A transient failure.
+    pub fn retry(error: impl Into<BoxError>) -> Self {
+        Self::Retry(error.into())
+    }
+
+    /// A permanent failure.
+    pub fn reject(error: impl Into<BoxError>) -> Self {
+        Self::Reject(error.into())
+    }
+}
+
+/// Database errors are transient unless a handler says otherwise.
+impl From<sqlx::Error> for HandlerError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Retry(error.into())
+    }
+}
+
+/// What the bus knows about a delivery besides its body.
+#[derive(Debug, Clone)]
+pub struct Metadata {
+    /// The event id (`message_id`).
+    pub event_id: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// The order it belongs to (`correlation_id`), if any.
+    pub correlation_id: Option<String>,
+    /// When the producer says it happened (`cloudEvents_time`).
+    pub occurred_at: prost_types::Timestamp,
+    /// 1 for the first delivery, 2 for the first retry, ...
+    pub attempt: u32,
+    /// Name of the handler processing it (the second half of its queue name).
+    pub handler: String,
+    /// The queue it was consumed from.
+    pub queue: String,
+}
+
+impl Metadata {
+    /// Metadata for unit-testing a handler without a broker.
+    pub fn for_test(event_id: &str) -> Self {
+        Self {
+            event_id: event_id.to_owned(),
+            routing_key: String::new(),
+            correlation_id: None,
+            occurred_at: super::headers::now(),
+            attempt: 1,
+            handler: "test".into(),
+            queue: "test.test".into(),
+        }
+    }
+}
+
+/// A handler's view of one delivery: its metadata, the service database inside the
+/// delivery's transaction, and an outbox for the events it emits.
+///
+/// Everything done through [`Context::db`] and [`Context::emit`] commits atomically with the
+/// inbox record that marks the delivery as handled, or not at all. Use only `db()` for
+/// database work inside a handler: a second connection would escape the transaction (and,
+/// on SQLite, wait forever for the one the delivery holds).
+pub struct Context {
+    tx: Transaction<'static, Any>,
+    emitted: Vec<Envelope>,
+    meta: Metadata,
+}
+
+impl Context {
+    pub(crate) fn new(tx: Transaction<'static, Any>, meta: Metadata) -> Self {
+        Self { tx, emitted: Vec::new(), meta }
+    }
+
+    /// A context over a fresh transaction of `store`, for unit tests of handlers.
+    pub async fn for_test(store: &crate::store::Store, event_id: &str) -> Result<Self, sqlx::Error> {
+        Ok(Self::new(store.pool().begin().await?, Metadata::for_test(event_id)))
+    }
+
+    /// The database, inside this delivery's transaction.
+    pub fn db(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    /// The delivery's metadata.
+    pub fn meta(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// Emits an event: it is stored in the outbox with this delivery's transaction and
+    /// published (with confirms) once that transaction commits. Its event id is derived from
+    /// the incoming event id, the handler and its position, so a redelivery that reaches the
+    /// handler again emits the same ids.
+    pub fn emit<E: Event>(&mut self, event: E) -> &mut Self {
+        let seed = format!("{}/{}/{}", self.meta.event_id, self.meta.handler, self.emitted.len());
+        let id = uuid::Uuid::new_v5(&super::EVENT_ID_NAMESPACE, seed.as_bytes());
+        self.emitted.push(Envelope::of(&event, id.to_string()));
+        self
+    }
+
+    /// Events emitted so far.
+    pub fn emitted(&self) -> &[Envelope] {
+        &self.emitted
+    }
+
+    pub(crate) fn into_parts(self) -> (Transaction<'static, Any>, Vec<Envelope>) {
+        (self.tx, self.emitted)
+    }
+}
+
+/// Reacts to one event type. Implement it with a plain `async fn`.
+///
+/// Returning `Ok(())` commits the delivery's transaction and acknowledges the message.
+/// `Err(HandlerError::Retry(..))` rolls back and redelivers later; `Err(HandlerError::Reject(..))`
+/// rolls back and dead-letters. A panic counts as a retry.
+pub trait Handler<E: Event>: Send + Sync + 'static {
+    /// The handler's name, used for its queue `<service>.<name>`. Defaults to the type name
+    /// in kebab case (`ReserveStock` → `reserve-stock`).
+    fn name(&self) -> String {
+        kebab_case(std::any::type_name::<Self>())
+    }
+
+    /// Handles one event.
+    fn handle(&self, event: E, ctx: &mut Context) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Answers one request type over RabbitMQ request/reply.
+pub trait Responder<R: Rpc>: Send + Sync + 'static {
+    /// Builds the reply. Errors are sent back to the caller as a remote error.
+    fn respond(&self, request: R) -> impl Future<Output = Result<R::Reply, BoxError>> + Send;
+}
+
+/// How long a consumer waits for in-flight handlers at shutdown before it closes anyway
+/// (unfinished deliveries are not acknowledged and return to their queue).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,0 +1,214 @@
+//! The wire format of a Sluice message: AMQP properties, CloudEvents binary-mode headers,
+//! W3C trace context and Sluice's own bookkeeping headers (DESIGN §4).
+
+use std::{collections::HashMap, time::SystemTime};
+
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::events::Event;
+
+/// `content_type` of every event body.
+pub const CONTENT_TYPE: &str = "application/protobuf";
+/// Delivery attempt of this copy (1 for the first delivery), set on retried copies.
+pub const ATTEMPT: &str = "x-sluice-attempt";
+/// Dead-letter headers: why, what failed, how often, from where, when.
+pub const DEAD_LETTER_REASON: &str = "x-sluice-dead-letter-reason";
+/// The error text that caused the dead-lettering.
+pub const DEAD_LETTER_ERROR: &str = "x-sluice-error";
+/// The queue the message was dead-lettered from.
+pub const ORIGINAL_QUEUE: &str = "x-sluice-original-queue";
+/// The routing key the message was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "x-sluice-original-routing-key";
+/// When the message was dead-lettered (RFC 3339).
+pub const DEAD_LETTERED_AT: &str = "x-sluice-dead-lettered-at";
+/// Error text of a failed request/reply call.
+pub const RPC_ERROR: &str = "x-sluice-rpc-error";
+
+/// The W3C trace context of the span that produced a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `traceparent` header, if the producer was inside a sampled or remote trace.
+    pub traceparent: Option<String>,
+    /// `tracestate` header.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The context of the current `tracing` span, through the global propagator.
+    pub fn current() -> Self {
+        let context = tracing::Span::current().context();
+        let mut carrier = HashMap::new();
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MapInjector(&mut carrier)));
+        Self { traceparent: carrier.remove("traceparent"), tracestate: carrier.remove("tracestate") }
+    }
+
+    /// The context carried by a message's headers, as an OpenTelemetry parent.
+    pub fn extract(headers: &FieldTable) -> opentelemetry::Context {
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&AmqpExtractor(headers)))
+    }
+}
+
+struct MapInjector<'a>(&'a mut HashMap<String, String>);
+
+impl Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+/// Reads W3C trace-context headers out of an AMQP header table.
+pub struct AmqpExtractor<'a>(pub &'a FieldTable);
+
+impl Extractor for AmqpExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        header_str(self.0, key)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.inner().keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// A string header, whether sent as a long or short string.
+pub fn header_str<'a>(headers: &'a FieldTable, key: &str) -> Option<&'a str> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// An integer header of any AMQP integer width.
+pub fn header_u32(headers: &FieldTable, key: &str) -> Option<u32> {
+    let value: i64 = match headers.inner().get(key)? {
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(value).ok()
+}
+
+/// Sets a string header.
+pub fn set_str(headers: &mut FieldTable, key: &str, value: &str) {
+    headers.insert(ShortString::from(key), AMQPValue::LongString(value.into()));
+}
+
+/// Current time as a Protobuf timestamp.
+pub fn now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+/// An event ready to publish: body plus everything that goes into properties and headers.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The event id, sent as `message_id` and `cloudEvents_id`.
+    pub event_id: String,
+    /// Routing key on `sluice.events`.
+    pub routing_key: String,
+    /// Full Protobuf name, sent as `type` and `cloudEvents_type`.
+    pub type_name: String,
+    /// The order id for order flows, sent as `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// When the event happened, sent as `timestamp` and `cloudEvents_time`.
+    pub occurred_at: prost_types::Timestamp,
+    /// Trace context of the producing span.
+    pub trace: TraceContext,
+    /// Protobuf encoding of the event.
+    pub body: Vec<u8>,
+}
+
+impl Envelope {
+    /// Wraps a typed event, capturing the current trace context.
+    pub fn of<E: Event>(event: &E, event_id: impl Into<String>) -> Self {
+        Self {
+            event_id: event_id.into(),
+            routing_key: E::ROUTING_KEY.to_owned(),
+            type_name: E::FULL_NAME.to_owned(),
+            correlation_id: event.order_id().filter(|id| !id.is_empty()).map(str::to_owned),
+            occurred_at: now(),
+            trace: TraceContext::current(),
+            body: event.encode_to_vec(),
+        }
+    }
+
+    /// AMQP properties and headers for this envelope, produced by `app_id`.
+    pub fn properties(&self, app_id: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        set_str(&mut headers, "cloudEvents_specversion", "1.0");
+        set_str(&mut headers, "cloudEvents_id", &self.event_id);
+        set_str(&mut headers, "cloudEvents_source", &format!("/sluice/{app_id}"));
+        set_str(&mut headers, "cloudEvents_type", &self.type_name);
+        set_str(&mut headers, "cloudEvents_time", &self.occurred_at.to_string());
+        if let Some(traceparent) = &self.trace.traceparent {
+            set_str(&mut headers, "traceparent", traceparent);
+        }
+        if let Some(tracestate) = &self.trace.tracestate {
+            set_str(&mut headers, "tracestate", tracestate);
+        }
+        let mut properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_type(ShortString::from(lossy_short(&self.type_name)))
+            .with_message_id(ShortString::from(lossy_short(&self.event_id)))
+            .with_timestamp(u64::try_from(self.occurred_at.seconds).unwrap_or(0))
+            .with_app_id(ShortString::from(lossy_short(app_id)))
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(correlation_id) = &self.correlation_id {
+            properties = properties.with_correlation_id(ShortString::from(lossy_short(correlation_id)));
+        }
+        properties
+    }
+}
+
+/// Truncates to AMQP's 255-byte short-string limit on a character boundary. Inputs are
+/// validated long before this; truncation only guards against a panic in `ShortString::from`.
+fn lossy_short(s: &str) -> String {
+    if s.len() <= 255 {
+        return s.to_owned();
+    }
+    let mut end = 255;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::OrderCreated;
+
+    #[test]
+    fn properties_follow_the_wire_contract() {
+        let event = OrderCreated { order_id: "o-1".into(), ..Default::default() };
+        let envelope = Envelope::of(&event, "e-1");
+        let props = envelope.properties("gateway");
+        assert_eq!(props.content_type().as_ref().map(|s| s.as_str()), Some(CONTENT_TYPE));
+        assert_eq!(props.kind().as_ref().map(|s| s.as_str()), Some("sluice.v1.OrderCreated"));
+        assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some("e-1"));
+        assert_eq!(props.correlation_id().as_ref().map(|s| s.as_str()), Some("o-1"));
+        assert_eq!(props.app_id().as_ref().map(|s| s.as_str()), Some("gateway"));
+        assert_eq!(*props.delivery_mode(), Some(2));
+        let headers = props.headers().clone().unwrap_or_default();
+        assert_eq!(header_str(&headers, "cloudEvents_specversion"), Some("1.0"));
+        assert_eq!(header_str(&headers, "cloudEvents_id"), Some("e-1"));
+        assert_eq!(header_str(&headers, "cloudEvents_type"), Some("sluice.v1.OrderCreated"));
+        assert_eq!(header_str(&headers, "cloudEvents_source"), Some("/sluice/gateway"));
+        let time = header_str(&headers, "cloudEvents_time").unwrap();
+        assert!(time.parse::<prost_types::Timestamp>().is_ok(), "{time}");
+    }
+
+    #[test]
+    fn overlong_short_strings_are_cut_not_panicked() {
+        assert_eq!(lossy_short(&"é".repeat(200)).len(), 254);
+    }
+}

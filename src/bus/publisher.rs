@@ -1,0 +1,142 @@
+//! Publishing with publisher confirms, pipelined.
+//!
+//! One confirm-mode channel on a dedicated publishing connection (so a blocked publisher never
+//! stalls consumers). Publishes are not serialised: every caller sends its frame and then
+//! awaits its own confirm, so many publishes are in flight on the channel at once and the
+//! broker's acks are matched to callers by lapin as they stream in.
+//!
+//! A publish is `Ok` only after the broker's ack. A nack, a return (mandatory message with no
+//! matching queue), a confirm that does not come within `confirm_timeout`, a blocked or lost
+//! connection: each is an [`Error`] for the caller, never silence and never a hang.
+
+use std::{sync::Arc, time::Duration};
+
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+};
+use tokio::sync::{Mutex, watch};
+
+use super::{
+    Error,
+    connection::{BoxFuture, Link, LinkState, Session},
+    headers::Envelope,
+    topology::{self, EXCHANGE},
+};
+use crate::{config::BusConfig, events::Event};
+
+/// Publishes events to `sluice.events` and answers once the broker has confirmed them.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: watch::Receiver<LinkState<Channel>>,
+    ready: watch::Receiver<bool>,
+    link: Mutex<Option<Link<Channel>>>,
+    app_id: String,
+    confirm_timeout: Duration,
+}
+
+struct ConfirmChannel;
+
+impl Session for ConfirmChannel {
+    type Value = Channel;
+    fn open<'a>(&'a self, connection: &'a Connection) -> BoxFuture<'a, Result<Channel, Error>> {
+        Box::pin(async move {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            topology::declare_exchange(&channel).await?;
+            Ok(channel)
+        })
+    }
+}
+
+impl Publisher {
+    /// Connects (failing fast on a bad URL or credentials), declares the exchange, and keeps
+    /// the connection up in the background. `app_id` names the producing service.
+    pub async fn connect(config: &BusConfig, app_id: &str) -> Result<Self, Error> {
+        let link = Link::open(&config.url, &format!("{app_id}.publisher"), ConfirmChannel).await?;
+        let state = link.subscribe();
+        let ready = link.ready();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state,
+                ready,
+                link: Mutex::new(Some(link)),
+                app_id: app_id.to_owned(),
+                confirm_timeout: config.confirm_timeout,
+            }),
+        })
+    }
+
+    /// The producing service's name (`app_id` on every message).
+    pub fn app_id(&self) -> &str {
+        &self.inner.app_id
+    }
+
+    /// Publishes a typed event with the given event id; `Ok` once confirmed.
+    pub async fn publish<E: Event>(&self, event: &E, event_id: &str) -> Result<(), Error> {
+        self.publish_envelope(&Envelope::of(event, event_id)).await
+    }
+
+    /// Publishes a prepared envelope (the outbox relay's path); `Ok` once confirmed.
+    pub async fn publish_envelope(&self, envelope: &Envelope) -> Result<(), Error> {
+        self.send(EXCHANGE, &envelope.routing_key, envelope.properties(&self.inner.app_id), &envelope.body)
+            .await
+    }
+
+    /// Publishes raw bytes with confirms and `mandatory` (retry and dead-letter moves).
+    pub(crate) async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), Error> {
+        let channel = match self.inner.state.borrow().clone() {
+            LinkState::Up { value, blocked: None } => value,
+            LinkState::Up { blocked: Some(reason), .. } => return Err(Error::Blocked(reason)),
+            LinkState::Down => return Err(Error::Unavailable("not connected to the broker".into())),
+        };
+        let exchange_name = topology::short(exchange)?;
+        let key = topology::short(routing_key)?;
+        let timeout = self.inner.confirm_timeout;
+        let confirmation = tokio::time::timeout(timeout, async {
+            channel
+                .basic_publish(exchange_name, key, BasicPublishOptions { mandatory: true, ..Default::default() }, body, properties)
+                .await?
+                .await
+        })
+        .await
+        .map_err(|_| Error::ConfirmTimeout(timeout))??;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_returned)) => {
+                Err(Error::Unroutable { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
+            }
+            Confirmation::Nack(_) => Err(Error::Nacked),
+            Confirmation::NotRequested => Err(Error::Unavailable("channel is not in confirm mode".into())),
+        }
+    }
+
+    /// Whether publishing is possible now (connected, not blocked).
+    pub fn is_ready(&self) -> bool {
+        *self.inner.ready.borrow()
+    }
+
+    /// Readiness and its changes (health checks follow it).
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.inner.ready.clone()
+    }
+
+    /// Closes the publishing connection. Call after the last publish has been awaited:
+    /// outstanding confirms are owned by their callers, so nothing is cut short.
+    pub async fn close(&self) {
+        if let Some(link) = self.inner.link.lock().await.take() {
+            link.close().await;
+        }
+    }
+}
+

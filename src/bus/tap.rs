@@ -1,0 +1,89 @@
+//! A live, transient view of events matching routing patterns (`order.*`, `#`).
+//!
+//! Backed by a server-named, exclusive, auto-delete queue: it exists only while the tap's
+//! connection does, so a tap never leaves garbage on the broker. Used by operators' tools,
+//! the gateway's event stream and tests.
+
+use futures_util::StreamExt;
+use lapin::{
+    Connection, ConnectionProperties,
+    message::Delivery,
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+
+use super::{Error, headers, topology};
+use crate::{config::BusConfig, events::Event};
+
+/// One event seen by a tap.
+#[derive(Debug, Clone)]
+pub struct Tapped {
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// `type` property (full Protobuf name).
+    pub type_name: String,
+    /// `message_id` property.
+    pub event_id: String,
+    /// `traceparent` header, if any.
+    pub traceparent: Option<String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Tapped {
+    /// Decodes the body as `E`, if it is one.
+    pub fn decode<E: Event>(&self) -> Option<E> {
+        (self.type_name == E::FULL_NAME).then(|| E::decode(self.body.as_slice()).ok()).flatten()
+    }
+}
+
+/// A live subscription to events matching some routing patterns.
+pub struct Tap {
+    connection: Connection,
+    stream: lapin::Consumer,
+}
+
+impl Tap {
+    /// Opens a tap. Events published after this returns are seen.
+    pub async fn open(config: &BusConfig, patterns: &[&str]) -> Result<Self, Error> {
+        let connection = Connection::connect(&config.url, ConnectionProperties::default().with_connection_name("sluice.tap".into())).await?;
+        let channel = connection.create_channel().await?;
+        topology::declare_exchange(&channel).await?;
+        let queue = channel
+            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+            .await?;
+        for pattern in patterns {
+            channel
+                .queue_bind(queue.name().clone(), topology::EXCHANGE.into(), topology::short(pattern)?, QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+        let stream = channel
+            .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() }, FieldTable::default())
+            .await?;
+        Ok(Self { connection, stream })
+    }
+
+    /// The next event, or `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<Tapped> {
+        match self.stream.next().await? {
+            Ok(delivery) => Some(tapped(delivery)),
+            Err(_) => None,
+        }
+    }
+
+    /// Closes the tap (its queue disappears with the connection).
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "tap closed".into()).await;
+    }
+}
+
+fn tapped(delivery: Delivery) -> Tapped {
+    let p = &delivery.properties;
+    Tapped {
+        routing_key: delivery.routing_key.to_string(),
+        type_name: p.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        event_id: p.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        traceparent: p.headers().as_ref().and_then(|h| headers::header_str(h, "traceparent")).map(str::to_owned),
+        body: delivery.data,
+    }
+}

@@ -1,0 +1,283 @@
+//! Typed configuration, read from the environment once, in `main`.
+//!
+//! Every variable is parsed at the edge; an invalid value stops the process at start-up with a
+//! message naming the variable. Nothing deeper in the code reads `std::env`.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use lapin::uri::AMQPUri;
+
+/// Where configuration values come from: the process environment, or a map in tests.
+pub trait Source {
+    /// The raw value of `name`, if set.
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Env;
+
+impl Source for Env {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl<const N: usize> Source for [(&str, &str); N] {
+    fn get(&self, name: &str) -> Option<String> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+    }
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {name}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub name: &'static str,
+    /// The offending value (never a secret: URLs are redacted).
+    pub value: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// A refusal of `value` for `name`.
+    pub fn new(name: &'static str, value: impl Into<String>, reason: impl fmt::Display) -> Self {
+        Self { name, value: value.into(), reason: reason.to_string() }
+    }
+}
+
+/// Reads `name` and parses it, or returns `default` when unset.
+pub fn parse_or<T>(source: &impl Source, name: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    match source.get(name) {
+        None => Ok(default),
+        Some(raw) => raw.trim().parse().map_err(|e| ConfigError::new(name, raw, e)),
+    }
+}
+
+/// Queue type of the durable per-handler queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated Raft queues: the default, and what RabbitMQ recommends for durable work.
+    Quorum,
+    /// Classic queues, for single-node brokers that prefer them.
+    Classic,
+}
+
+impl FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "quorum" => Ok(Self::Quorum),
+            "classic" => Ok(Self::Classic),
+            other => Err(format!("expected `quorum` or `classic`, got `{other}`")),
+        }
+    }
+}
+
+/// How a handler's retry outcome is redelivered: exponential backoff, bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Delay before the first redelivery.
+    pub base: Duration,
+    /// Growth of the delay per attempt.
+    pub factor: u32,
+    /// Upper bound of any one delay.
+    pub max_delay: Duration,
+    /// Total deliveries, the first included, before the message is dead-lettered.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(1_000),
+            factor: 2,
+            max_delay: Duration::from_secs(30),
+            max_attempts: 5,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before redelivering a message whose `attempt`-th delivery (1-based) asked for a
+    /// retry, or `None` when attempts are exhausted.
+    pub fn delay_after(&self, attempt: u32) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let exp = self.factor.saturating_pow(attempt.saturating_sub(1));
+        Some(self.base.saturating_mul(exp).min(self.max_delay))
+    }
+
+    /// Every distinct delay this policy can produce, each of which gets a delay queue.
+    pub fn delays(&self) -> Vec<Duration> {
+        let mut delays: Vec<Duration> =
+            (1..self.max_attempts).filter_map(|a| self.delay_after(a)).collect();
+        delays.dedup();
+        delays
+    }
+}
+
+/// Everything the bus needs to reach RabbitMQ and shape its queues.
+#[derive(Clone)]
+pub struct BusConfig {
+    /// `amqp://user:pass@host:port/vhost`. Holds a password: never logged (see `Debug`).
+    pub url: String,
+    /// Unacknowledged deliveries per handler queue; also the handler concurrency per queue.
+    pub prefetch: u16,
+    /// Type of the durable handler queues and dead-letter queues.
+    pub queue_type: QueueType,
+    /// Retry backoff for handlers that ask to retry.
+    pub retry: RetryPolicy,
+    /// How long a publish may wait for the broker's confirm before it is an error.
+    pub confirm_timeout: Duration,
+}
+
+impl fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("url", &redact(&self.url))
+            .field("prefetch", &self.prefetch)
+            .field("queue_type", &self.queue_type)
+            .field("retry", &self.retry)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Default broker URL: the local RabbitMQ, default vhost.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+impl BusConfig {
+    /// Reads `SLUICE_AMQP_URL`, `SLUICE_PREFETCH`, `SLUICE_QUEUE_TYPE`, `SLUICE_RETRY_BASE_MS`,
+    /// `SLUICE_RETRY_FACTOR`, `SLUICE_RETRY_MAX_DELAY_MS`, `SLUICE_RETRY_MAX_ATTEMPTS` and
+    /// `SLUICE_CONFIRM_TIMEOUT_MS`.
+    pub fn from_source(source: &impl Source) -> Result<Self, ConfigError> {
+        let url = source.get("SLUICE_AMQP_URL").unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+        let uri = AMQPUri::from_str(&url)
+            .map_err(|e| ConfigError::new("SLUICE_AMQP_URL", redact(&url), e))?;
+        if uri.vhost.is_empty() {
+            return Err(ConfigError::new("SLUICE_AMQP_URL", redact(&url), "the URL names no vhost"));
+        }
+        let prefetch: u16 = parse_or(source, "SLUICE_PREFETCH", 32)?;
+        if prefetch == 0 {
+            return Err(ConfigError::new("SLUICE_PREFETCH", "0", "must be at least 1"));
+        }
+        let defaults = RetryPolicy::default();
+        let retry = RetryPolicy {
+            base: Duration::from_millis(parse_or(source, "SLUICE_RETRY_BASE_MS", 1_000u64)?),
+            factor: parse_or(source, "SLUICE_RETRY_FACTOR", defaults.factor)?,
+            max_delay: Duration::from_millis(parse_or(source, "SLUICE_RETRY_MAX_DELAY_MS", 30_000u64)?),
+            max_attempts: parse_or(source, "SLUICE_RETRY_MAX_ATTEMPTS", defaults.max_attempts)?,
+        };
+        if retry.max_attempts == 0 || retry.factor == 0 || retry.base.is_zero() {
+            return Err(ConfigError::new(
+                "SLUICE_RETRY_*",
+                format!("{retry:?}"),
+                "base, factor and max attempts must be positive",
+            ));
+        }
+        let confirm_ms: u64 = parse_or(source, "SLUICE_CONFIRM_TIMEOUT_MS", 5_000)?;
+        Ok(Self {
+            url,
+            prefetch,
+            queue_type: parse_or(source, "SLUICE_QUEUE_TYPE", QueueType::Quorum)?,
+            retry,
+            confirm_timeout: Duration::from_millis(confirm_ms.max(1)),
+        })
+    }
+
+    /// [`BusConfig::from_source`] over the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&Env)
+    }
+
+    /// Defaults, pointed at `url` (tests use a fresh vhost per test).
+    pub fn for_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefetch: 32,
+            queue_type: QueueType::Quorum,
+            retry: RetryPolicy::default(),
+            confirm_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a service keeps its state.
+pub fn database_url(source: &impl Source, service: &str) -> Result<String, ConfigError> {
+    let url = source
+        .get("DATABASE_URL")
+        .unwrap_or_else(|| format!("sqlite://sluice-{service}.db?mode=rwc"));
+    if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(url)
+    } else {
+        Err(ConfigError::new("DATABASE_URL", redact(&url), "expected a sqlite: or postgres:// URL"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_the_local_broker() {
+        let config = BusConfig::from_source(&[("UNRELATED", "x")]).unwrap();
+        assert_eq!(config.url, DEFAULT_AMQP_URL);
+        assert_eq!(config.queue_type, QueueType::Quorum);
+        assert_eq!(config.prefetch, 32);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        let err = BusConfig::from_source(&[("SLUICE_PREFETCH", "lots")]).unwrap_err();
+        assert_eq!(err.name, "SLUICE_PREFETCH");
+        let err = BusConfig::from_source(&[("SLUICE_AMQP_URL", "http://x")]).unwrap_err();
+        assert_eq!(err.name, "SLUICE_AMQP_URL");
+        let err = BusConfig::from_source(&[("SLUICE_QUEUE_TYPE", "stream")]).unwrap_err();
+        assert!(err.to_string().contains("quorum"), "{err}");
+        let err = database_url(&[("DATABASE_URL", "mysql://x")], "orders").unwrap_err();
+        assert_eq!(err.name, "DATABASE_URL");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let config = BusConfig::for_url("amqp://user:s3cret@host:5672/v");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("user:***@host"), "{shown}");
+    }
+
+    #[test]
+    fn retry_delays_grow_exponentially_up_to_the_cap() {
+        let policy = RetryPolicy {
+            base: Duration::from_millis(100),
+            factor: 3,
+            max_delay: Duration::from_millis(1_000),
+            max_attempts: 5,
+        };
+        let delays: Vec<u128> = (1..=5).map(|a| policy.delay_after(a).map_or(0, |d| d.as_millis())).collect();
+        assert_eq!(delays, vec![100, 300, 900, 1_000, 0]);
+        assert_eq!(policy.delays().len(), 4);
+    }
+}

@@ -1,0 +1,229 @@
+//! The service database: SQLite (a file) by default, PostgreSQL when `DATABASE_URL` says so,
+//! through sqlx's `Any` driver. Owns schema migrations and the bus's two tables:
+//!
+//! - `sluice_inbox`: which (event, handler) pairs are done, written in the handler's
+//!   transaction: the dedup key of exactly-once effects;
+//! - `sluice_outbox`: events emitted by handlers, written in the same transaction and
+//!   published by the relay (`bus::relay`) after commit.
+//!
+//! Service migrations use SQL that both databases accept (TEXT, BIGINT, no AUTOINCREMENT);
+//! the bus's own tables have one file per backend.
+
+use std::{borrow::Cow, sync::Arc, time::{Duration, SystemTime, UNIX_EPOCH}};
+
+use sqlx::{
+    Any, AnyConnection, AnyPool, Row, Transaction,
+    any::AnyPoolOptions,
+    migrate::{Migration as SqlxMigration, MigrationType, Migrator},
+};
+use tokio::sync::Notify;
+
+use crate::bus::{Envelope, Error, TraceContext};
+
+/// One schema migration of a service. Versions must be 100 or more (below is the bus's).
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Ordering key, unique per service.
+    pub version: i64,
+    /// Shown in `_sqlx_migrations`.
+    pub description: &'static str,
+    /// SQL accepted by both SQLite and PostgreSQL.
+    pub sql: &'static str,
+}
+
+const BUS_SQLITE: &str = include_str!("migrations/sqlite/0001_inbox_outbox.sql");
+const BUS_POSTGRES: &str = include_str!("migrations/postgres/0001_inbox_outbox.sql");
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// A service's database pool, migrated, plus the outbox relay's wake-up signal.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    outbox_ready: Arc<Notify>,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`) and runs the bus's
+    /// and the service's migrations.
+    pub async fn connect(url: &str, migrations: &[Migration]) -> Result<Self, Error> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
+        let pool = match backend {
+            Backend::Sqlite => {
+                create_parent_dir(url);
+                // One connection: SQLite has a single writer, and a handler holds its
+                // transaction for the whole delivery; more connections would only queue up
+                // on the database lock (or fail with SQLITE_BUSY on lock upgrades).
+                AnyPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000", "PRAGMA foreign_keys=ON"] {
+                                sqlx::query(pragma).execute(&mut *conn).await?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .connect(url)
+                    .await?
+            }
+            Backend::Postgres => AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?,
+        };
+        let mut all = vec![SqlxMigration::new(
+            1,
+            Cow::Borrowed("sluice inbox and outbox"),
+            MigrationType::Simple,
+            Cow::Borrowed(match backend {
+                Backend::Sqlite => BUS_SQLITE,
+                Backend::Postgres => BUS_POSTGRES,
+            }),
+            false,
+        )];
+        for m in migrations {
+            if m.version < 100 {
+                return Err(Error::Migrate(sqlx::migrate::MigrateError::VersionMissing(m.version)));
+            }
+            all.push(SqlxMigration::new(m.version, Cow::Borrowed(m.description), MigrationType::Simple, Cow::Borrowed(m.sql), false));
+        }
+        let migrator = Migrator { migrations: Cow::Owned(all), ..Migrator::DEFAULT };
+        migrator.run(&pool).await?;
+        Ok(Self { pool, backend, outbox_ready: Arc::new(Notify::new()) })
+    }
+
+    /// The pool, for queries outside handlers (responders, start-up seeding).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    /// Tells the relay there is something to publish.
+    pub(crate) fn wake_relay(&self) {
+        self.outbox_ready.notify_one();
+    }
+
+    /// Completes when a transaction has staged outbox rows since the last call.
+    pub(crate) async fn outbox_ready(&self) {
+        self.outbox_ready.notified().await;
+    }
+
+    /// Up to `limit` unsent outbox rows, oldest first.
+    pub(crate) async fn pending(&self, limit: i64) -> Result<Vec<(i64, Envelope)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT seq, event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body \
+             FROM sluice_outbox ORDER BY seq LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let occurred_at: String = row.try_get("occurred_at")?;
+                Ok((
+                    row.try_get("seq")?,
+                    Envelope {
+                        event_id: row.try_get("event_id")?,
+                        routing_key: row.try_get("routing_key")?,
+                        type_name: row.try_get("type_name")?,
+                        correlation_id: row.try_get("correlation_id")?,
+                        occurred_at: occurred_at.parse().unwrap_or_default(),
+                        trace: TraceContext { traceparent: row.try_get("traceparent")?, tracestate: row.try_get("tracestate")? },
+                        body: row.try_get("body")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Deletes published rows.
+    pub(crate) async fn mark_sent(&self, seqs: &[i64]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        for seq in seqs {
+            sqlx::query("DELETE FROM sluice_outbox WHERE seq = $1").bind(*seq).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+}
+
+/// Records that `handler` handles `event_id`. `false` if it already did: a duplicate.
+pub(crate) async fn claim(tx: &mut AnyConnection, event_id: &str, handler: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO sluice_inbox (event_id, handler, received_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(handler)
+    .bind(unix_millis())
+    .execute(tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Writes emitted events to the outbox, in the caller's transaction.
+pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Result<(), sqlx::Error> {
+    for e in envelopes {
+        sqlx::query(
+            "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&e.event_id)
+        .bind(&e.routing_key)
+        .bind(&e.type_name)
+        .bind(e.correlation_id.clone())
+        .bind(e.occurred_at.to_string())
+        .bind(e.trace.traceparent.clone())
+        .bind(e.trace.tracestate.clone())
+        .bind(e.body.clone())
+        .bind(unix_millis())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// SQLite creates the file (`mode=rwc`) but not its directory.
+fn create_parent_dir(url: &str) {
+    let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path == ":memory:" {
+        return;
+    }
+    if let Some(parent) = std::path::Path::new(path).parent() {
+        if !parent.as_os_str().is_empty() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Logs and traces: `tracing` with JSON lines (or a human format), exported to OpenTelemetry
+//! over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and W3C trace-context propagation.
+//!
+//! With no exporter configured there is no exporter: spans cost a `tracing` span, nothing more.
+
+use opentelemetry::{global, trace::TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+use crate::config::{ConfigError, Source};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, with the current span's fields (the default).
+    Json,
+    /// Human-readable lines, for a terminal.
+    Pretty,
+}
+
+/// How a process reports what it does.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// `service.name` of the spans (`OTEL_SERVICE_NAME`, default: the binary's name).
+    pub service_name: String,
+    /// OTLP/gRPC collector (`OTEL_EXPORTER_OTLP_ENDPOINT`); `None` means no export.
+    pub otlp_endpoint: Option<String>,
+    /// `SLUICE_LOG_FORMAT`: `json` (default) or `pretty`.
+    pub log_format: LogFormat,
+}
+
+impl TelemetryConfig {
+    /// Reads `OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_ENDPOINT` and `SLUICE_LOG_FORMAT`.
+    pub fn from_source(source: &impl Source, default_service_name: &str) -> Result<Self, ConfigError> {
+        let log_format = match source.get("SLUICE_LOG_FORMAT").as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(ConfigError::new("SLUICE_LOG_FORMAT", other, "expected `json` or `pretty`"));
+            }
+        };
+        let otlp_endpoint = source.get("OTEL_EXPORTER_OTLP_ENDPOINT");
+        if let Some(endpoint) = &otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone(), "expected an http:// or https:// URL"));
+            }
+        }
+        Ok(Self {
+            service_name: source.get("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service_name.to_owned()),
+            otlp_endpoint,
+            log_format,
+        })
+    }
+}
+
+/// Flushes and stops the exporter when dropped at the end of `main`.
+#[must_use = "dropping the guard flushes and stops span export"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            // The OTLP exporter needs a runtime thread; shutting down from a plain thread keeps
+            // a busy current-thread runtime from deadlocking the final flush.
+            let _ = std::thread::spawn(move || provider.shutdown()).join();
+        }
+    }
+}
+
+/// Errors setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built.
+    #[error("building the OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// A global subscriber was already installed.
+    #[error("installing the tracing subscriber: {0}")]
+    Subscriber(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Installs W3C trace-context propagation only (what the bus needs to carry `traceparent`).
+pub fn init_propagation() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
+/// Installs logging, tracing export and propagation for this process. Call once, in `main`.
+pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    init_propagation();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt_layer = match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
+    };
+    let (otel_layer, provider) = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(std::time::Duration::from_secs(3))
+                .build()?;
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(Resource::builder().with_service_name(config.service_name.clone()).build())
+                .build();
+            global::set_tracer_provider(provider.clone());
+            let tracer = provider.tracer(config.service_name.clone());
+            (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init()?;
+    Ok(TelemetryGuard { provider })
+}
