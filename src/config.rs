@@ -281,3 +281,26 @@ mod tests {
         assert_eq!(policy.delays().len(), 4);
     }
 }
+
+/// What every service process needs: the broker, its database and its telemetry.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Broker connection and queue shape.
+    pub bus: BusConfig,
+    /// `DATABASE_URL` (default: `sqlite://sluice-<service>.db?mode=rwc`). May hold a password:
+    /// never logged.
+    pub database_url: String,
+    /// Logs and trace export.
+    pub telemetry: crate::telemetry::TelemetryConfig,
+}
+
+impl ServiceConfig {
+    /// Reads the configuration of `service` (`inventory`, `payment`, ...) from `source`.
+    pub fn from_source(source: &impl Source, service: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            bus: BusConfig::from_source(source)?,
+            database_url: database_url(source, service)?,
+            telemetry: crate::telemetry::TelemetryConfig::from_source(source, &format!("sluice-{service}"))?,
+        })
+    }
+}

@@ -1,1 +1,10 @@
-fn main() {}
+//! `sluice-notification`: configuration, telemetry, then the service until SIGTERM or Ctrl-C.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = sluice_notification::config_from_env()?;
+    let _telemetry = sluice::telemetry::init(&config.telemetry)?;
+    let shutdown = sluice::shutdown::Shutdown::on_signals();
+    sluice_notification::start(&config).await?.run(shutdown).await?;
+    Ok(())
+}
