@@ -1,1 +1,162 @@
+//! The Sluice gRPC gateway: validates commands and events from clients and publishes them to
+//! RabbitMQ, answering only once the broker has confirmed.
+//!
+//! `Gateway::bind` connects to the broker and binds the listening socket (so `local_addr` is
+//! known before serving); `Gateway::run` serves until shutdown, then drains in-flight calls
+//! and closes the broker connections.
 
+mod catalog;
+mod config;
+mod error;
+mod orders;
+mod validation;
+
+use std::net::SocketAddr;
+
+pub use config::Config;
+pub use error::GatewayError;
+pub use orders::Orders;
+
+use sluice::bus::{Publisher, RpcClient};
+use sluice::pb::{FILE_DESCRIPTOR_SET, order_service_server::OrderServiceServer};
+use sluice::shutdown::Shutdown;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing_opentelemetry_ext::trace_span;
+
+/// `app_id` of everything the gateway publishes.
+pub const APP_ID: &str = "gateway";
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The broker could not be reached.
+    #[error("connecting to the broker: {0}")]
+    Bus(#[from] sluice::bus::Error),
+    /// The address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed.
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A gateway connected to the broker and bound to its address, not yet serving.
+pub struct Gateway {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    publisher: Publisher,
+    rpc: RpcClient,
+    config: Config,
+}
+
+impl Gateway {
+    /// Connects to the broker and binds `config.grpc_addr`.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let publisher = Publisher::connect(&config.bus, APP_ID).await?;
+        let rpc = RpcClient::connect(&config.bus, APP_ID).await?;
+        let listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.grpc_addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.grpc_addr, source })?;
+        Ok(Self { listener, local_addr, publisher, rpc, config })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown`, then lets in-flight calls finish and closes the connections.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout);
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        // Health follows the publishing connection: SERVING only while the broker is reachable
+        // and not blocking publishes.
+        let mut ready = self.publisher.readiness();
+        let health_task = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let status = if *ready.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    health.set_service_status("", status).await;
+                    health.set_service_status("sluice.v1.OrderService", status).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            health.set_service_status("", ServingStatus::NotServing).await;
+                            return;
+                        }
+                        changed = ready.changed() => if changed.is_err() { return },
+                    }
+                }
+            })
+        };
+
+        tracing::info!(addr = %self.local_addr, "gateway serving");
+        let layers = tower::ServiceBuilder::new()
+            .load_shed()
+            .concurrency_limit(self.config.max_concurrent_requests)
+            .into_inner();
+        let served = Server::builder()
+            .timeout(self.config.request_timeout)
+            .trace_fn(trace_span)
+            .layer(layers)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(OrderServiceServer::new(orders))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown.cancelled())
+            .await;
+        let _ = health_task.await;
+        // Every call has finished: its confirm was awaited or the call failed. Now close.
+        self.publisher.close().await;
+        self.rpc.close().await;
+        tracing::info!("gateway stopped");
+        Ok(served?)
+    }
+}
+
+/// Server span per call, joined to the caller's trace when it sent `traceparent`.
+mod tracing_opentelemetry_ext {
+    use opentelemetry::propagation::Extractor;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+    impl Extractor for HeaderExtractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(|k| k.as_str()).collect()
+        }
+    }
+
+    pub(crate) fn trace_span(request: &http::Request<()>) -> tracing::Span {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+        let path = request.uri().path();
+        let span = tracing::info_span!(
+            "grpc.request",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %path,
+        );
+        let _ = span.set_parent(parent);
+        span
+    }
+}

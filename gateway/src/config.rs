@@ -1,0 +1,71 @@
+//! The gateway's configuration, from the environment.
+
+use std::{net::SocketAddr, time::Duration};
+
+use sluice::config::{BusConfig, ConfigError, Env, Source, parse_or};
+use sluice::telemetry::TelemetryConfig;
+
+/// Everything the gateway needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `SLUICE_GRPC_ADDR` (default `0.0.0.0:50051`); port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// Broker connection.
+    pub bus: BusConfig,
+    /// Logs and trace export.
+    pub telemetry: TelemetryConfig,
+    /// `SLUICE_QUERY_TIMEOUT_MS`: longest wait for another service's reply (default 5000).
+    pub query_timeout: Duration,
+    /// `SLUICE_REQUEST_TIMEOUT_MS`: longest any RPC may run (default 30000).
+    pub request_timeout: Duration,
+    /// `SLUICE_MAX_CONCURRENT_REQUESTS`: in-flight RPCs before new ones are shed (default 1024).
+    pub max_concurrent_requests: usize,
+}
+
+impl Config {
+    /// Reads the environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&Env)
+    }
+
+    /// Reads `source`.
+    pub fn from_source(source: &impl Source) -> Result<Self, ConfigError> {
+        let max_concurrent_requests = parse_or(source, "SLUICE_MAX_CONCURRENT_REQUESTS", 1024usize)?;
+        if max_concurrent_requests == 0 {
+            return Err(ConfigError::new("SLUICE_MAX_CONCURRENT_REQUESTS", "0", "must be at least 1"));
+        }
+        Ok(Self {
+            grpc_addr: parse_or(source, "SLUICE_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
+            bus: BusConfig::from_source(source)?,
+            telemetry: TelemetryConfig::from_source(source, "sluice-gateway")?,
+            query_timeout: Duration::from_millis(parse_or(source, "SLUICE_QUERY_TIMEOUT_MS", 5_000u64)?.max(1)),
+            request_timeout: Duration::from_millis(parse_or(source, "SLUICE_REQUEST_TIMEOUT_MS", 30_000u64)?.max(1)),
+            max_concurrent_requests,
+        })
+    }
+
+    /// Defaults for a gateway on `127.0.0.1:0` against `bus` (tests).
+    pub fn for_bus(bus: BusConfig) -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bus,
+            telemetry: TelemetryConfig { service_name: "sluice-gateway".into(), otlp_endpoint: None, log_format: sluice::telemetry::LogFormat::Json },
+            query_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_address_names_its_variable() {
+        let err = Config::from_source(&[("SLUICE_GRPC_ADDR", "localhost")]).unwrap_err();
+        assert_eq!(err.name, "SLUICE_GRPC_ADDR");
+        let config = Config::from_source(&[("SLUICE_GRPC_ADDR", "127.0.0.1:6000")]).unwrap();
+        assert_eq!(config.grpc_addr.port(), 6000);
+    }
+}

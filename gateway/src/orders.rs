@@ -1,0 +1,164 @@
+//! `sluice.v1.OrderService`: PlaceOrder turns a command into a confirmed `order.created`;
+//! GetOrder asks the orders service (request/reply) for its read model.
+
+use std::{sync::Arc, time::Duration};
+
+use sluice::bus::{Error as BusError, Publisher, RpcClient};
+use sluice::events::OrderCreated;
+use sluice::pb::{GetOrderRequest, Order, PlaceOrderRequest, PlaceOrderResponse, order_service_server::OrderService};
+use tonic::{Request, Response, Status};
+use tonic_types::FieldViolation;
+use uuid::Uuid;
+
+use crate::{catalog::KnownSkus, error::GatewayError, validation};
+
+/// Namespace of idempotency-key-derived ids: the same key always names the same order.
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2b8e_41d7_9c3a_4f6e_a1b5_0c9d_8e7f_6a5b);
+
+/// The order API.
+#[derive(Clone)]
+pub struct Orders {
+    publisher: Publisher,
+    rpc: RpcClient,
+    skus: Arc<KnownSkus>,
+    query_timeout: Duration,
+}
+
+impl Orders {
+    /// Publishes through `publisher` and asks other services through `rpc`, waiting at most
+    /// `query_timeout` for them.
+    pub fn new(publisher: Publisher, rpc: RpcClient, query_timeout: Duration) -> Self {
+        Self { publisher, rpc, skus: Arc::default(), query_timeout }
+    }
+
+    /// How long a call may wait on another service: our own limit, or the caller's deadline
+    /// (`grpc-timeout`) if sooner. The flag says whether the caller's deadline is the limit.
+    fn wait_budget<T>(&self, request: &Request<T>) -> (Duration, bool) {
+        match request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) {
+            Some(caller) if caller < self.query_timeout => (caller, true),
+            _ => (self.query_timeout, false),
+        }
+    }
+}
+
+/// Parses a `grpc-timeout` header value (`100m`, `5S`, ...).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn order_ids(request: &PlaceOrderRequest) -> (String, String) {
+    if request.idempotency_key.is_empty() {
+        return (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    }
+    // Keys are scoped by customer: two customers cannot collide on a key.
+    let seed = format!("{}\u{0}{}", request.customer_id, request.idempotency_key);
+    let order_id = Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("order\u{0}{seed}").as_bytes());
+    let event_id = Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("event\u{0}{seed}").as_bytes());
+    (order_id.to_string(), event_id.to_string())
+}
+
+fn map_wait_error(error: BusError, caller_limited: bool, what: &'static str) -> GatewayError {
+    match error {
+        BusError::NoReply { .. } if caller_limited => GatewayError::DeadlineExceeded(what),
+        other => other.into(),
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for Orders {
+    #[tracing::instrument(name = "PlaceOrder", skip_all, fields(order_id, event_id))]
+    async fn place_order(&self, request: Request<PlaceOrderRequest>) -> Result<Response<PlaceOrderResponse>, Status> {
+        let (budget, caller_limited) = self.wait_budget(&request);
+        let request = request.into_inner();
+        let mut violations = validation::place_order(&request);
+        if !violations.is_empty() {
+            return Err(GatewayError::InvalidArgument(violations).into());
+        }
+        let skus: Vec<&str> = request.items.iter().map(|i| i.sku.as_str()).collect();
+        let unknown = self
+            .skus
+            .unknown(&self.rpc, &skus, budget)
+            .await
+            .map_err(|e| map_wait_error(e, caller_limited, "the inventory service"))?;
+        for (i, item) in request.items.iter().enumerate() {
+            if unknown.contains(&item.sku) {
+                violations.push(FieldViolation::new(format!("items[{i}].sku"), format!("unknown sku {:?}", item.sku)));
+            }
+        }
+        if !violations.is_empty() {
+            return Err(GatewayError::InvalidArgument(violations).into());
+        }
+        let (order_id, event_id) = order_ids(&request);
+        let span = tracing::Span::current();
+        span.record("order_id", order_id.as_str());
+        span.record("event_id", event_id.as_str());
+        let event = OrderCreated {
+            order_id: order_id.clone(),
+            customer_id: request.customer_id,
+            items: request.items,
+            payment_token: request.payment_token,
+            created_at: Some(sluice::bus::headers::now()),
+        };
+        self.publisher.publish(&event, &event_id).await.map_err(GatewayError::from)?;
+        tracing::info!("order accepted");
+        Ok(Response::new(PlaceOrderResponse { order_id, event_id }))
+    }
+
+    #[tracing::instrument(name = "GetOrder", skip_all, fields(order_id))]
+    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
+        let (budget, caller_limited) = self.wait_budget(&request);
+        let request = request.into_inner();
+        tracing::Span::current().record("order_id", request.order_id.as_str());
+        if request.order_id.trim().is_empty() || request.order_id.len() > validation::MAX_ID_LEN {
+            let violation = FieldViolation::new("order_id", format!("must be 1 to {} bytes", validation::MAX_ID_LEN));
+            return Err(GatewayError::InvalidArgument(vec![violation]).into());
+        }
+        let order_id = request.order_id.clone();
+        let reply = self
+            .rpc
+            .call(&request, budget)
+            .await
+            .map_err(|e| map_wait_error(e, caller_limited, "the orders service"))?;
+        match reply.order {
+            Some(order) => Ok(Response::new(order)),
+            None => Err(GatewayError::NotFound(format!("order {order_id}")).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_name_the_same_order_per_customer() {
+        let request = |customer: &str, key: &str| PlaceOrderRequest {
+            customer_id: customer.into(),
+            idempotency_key: key.into(),
+            ..Default::default()
+        };
+        assert_eq!(order_ids(&request("c", "k")), order_ids(&request("c", "k")));
+        assert_ne!(order_ids(&request("c", "k")).0, order_ids(&request("d", "k")).0);
+        assert_ne!(order_ids(&request("c", "")).0, order_ids(&request("c", "")).0);
+        let (order_id, event_id) = order_ids(&request("c", "k"));
+        assert_ne!(order_id, event_id);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}
