@@ -35,7 +35,9 @@ impl Orders {
     /// (`grpc-timeout`) if sooner. The flag says whether the caller's deadline is the limit.
     fn wait_budget<T>(&self, request: &Request<T>) -> (Duration, bool) {
         match request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) {
-            Some(caller) if caller < self.query_timeout => (caller, true),
+            // Answer a little before the caller gives up, so it gets our DEADLINE_EXCEEDED
+            // rather than its own cancellation.
+            Some(caller) if caller < self.query_timeout => (caller - (caller / 10).min(Duration::from_millis(50)), true),
             _ => (self.query_timeout, false),
         }
     }

@@ -494,7 +494,8 @@ impl Consumer {
         shutdown.cancelled().await;
         tracing::info!(service = %self.service, "stopping intake");
         self.intake.cancel();
-        if let super::connection::LinkState::Up { value, .. } = self.link.subscribe().borrow().clone() {
+        let state = self.link.subscribe().borrow().clone();
+        if let super::connection::LinkState::Up { value, .. } = state {
             for (channel, tag) in &value.0 {
                 let _ = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
             }

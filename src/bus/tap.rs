@@ -4,6 +4,8 @@
 //! connection does, so a tap never leaves garbage on the broker. Used by operators' tools,
 //! the gateway's event stream and tests.
 
+use std::collections::BTreeMap;
+
 use futures_util::StreamExt;
 use lapin::{
     Connection, ConnectionProperties,
@@ -26,6 +28,16 @@ pub struct Tapped {
     pub event_id: String,
     /// `traceparent` header, if any.
     pub traceparent: Option<String>,
+    /// `correlation_id` property (the order id for order flows).
+    pub correlation_id: Option<String>,
+    /// `app_id` property (the producing service).
+    pub app_id: Option<String>,
+    /// `content_type` property.
+    pub content_type: Option<String>,
+    /// `delivery_mode` property (2: persistent).
+    pub delivery_mode: Option<u8>,
+    /// Every string-valued header.
+    pub headers: BTreeMap<String, String>,
     /// The body.
     pub body: Vec<u8>,
 }
@@ -84,6 +96,20 @@ fn tapped(delivery: Delivery) -> Tapped {
         type_name: p.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
         event_id: p.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
         traceparent: p.headers().as_ref().and_then(|h| headers::header_str(h, "traceparent")).map(str::to_owned),
+        correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+        app_id: p.app_id().as_ref().map(|s| s.to_string()),
+        content_type: p.content_type().as_ref().map(|s| s.to_string()),
+        delivery_mode: *p.delivery_mode(),
+        headers: p
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .keys()
+                    .filter_map(|k| headers::header_str(h, k.as_str()).map(|v| (k.to_string(), v.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
         body: delivery.data,
     }
 }

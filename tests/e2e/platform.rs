@@ -1,0 +1,97 @@
+//! What operators and tools see: health, reflection, NOT_FOUND, and prompt UNAVAILABLE or
+//! DEADLINE_EXCEEDED when the service behind a call is missing or silent.
+
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable};
+use sluice::config::BusConfig;
+use sluice::pb::{GetOrderRequest, order_service_client::OrderServiceClient};
+use sluice::shutdown::Shutdown;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::support::{Backend, TestApp, an_order, broker::Vhost};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_unknown_orders() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr)).unwrap().connect().await.unwrap();
+
+    let health = HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(health.into_inner().status(), ServingStatus::Serving);
+
+    // grpcurl speaks v1alpha; newer tools speak v1. Both list our services.
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut replies = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = replies.next().await.unwrap().unwrap().message_response else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"sluice.v1.OrderService".to_owned()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol("sluice.v1.OrderService".into())),
+        };
+        let mut replies =
+            ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+        assert!(replies.next().await.unwrap().is_ok(), "v1 reflection answers");
+    }
+
+    let missing = app.get("no-such-order").await.expect_err("unknown order");
+    assert_eq!(missing.code(), Code::NotFound);
+    let empty = app.get("").await.expect_err("empty order id");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_fail_fast_when_the_service_behind_them_is_missing_or_silent() {
+    let vhost = Vhost::create();
+    let bus = BusConfig::for_url(vhost.url());
+    let mut config = sluice_gateway::Config::for_bus(bus.clone());
+    config.query_timeout = Duration::from_millis(500);
+    let gateway = sluice_gateway::Gateway::bind(config).await.unwrap();
+    let addr = gateway.local_addr();
+    let shutdown = Shutdown::new();
+    shutdown.spawn(gateway.run(shutdown.clone()));
+    let mut client = OrderServiceClient::connect(format!("http://{addr}")).await.unwrap();
+
+    // No inventory and no orders service: nothing can answer. UNAVAILABLE, at once.
+    let started = tokio::time::Instant::now();
+    let status = client.place_order(an_order("SKU-1", 1, "tok_visa")).await.expect_err("no inventory");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = client.get_order(GetOrderRequest { order_id: "o-1".into() }).await.expect_err("no orders service");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < Duration::from_millis(500), "unroutable requests fail without waiting");
+
+    // A request queue nobody consumes: our own timeout is UNAVAILABLE, the caller's deadline
+    // is DEADLINE_EXCEEDED. Neither hangs.
+    let connection = Connection::connect(&bus.url, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_declare("orders.get-order".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let status = client.get_order(GetOrderRequest { order_id: "o-1".into() }).await.expect_err("silent orders service");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let mut request = tonic::Request::new(GetOrderRequest { order_id: "o-1".into() });
+    // The header a client's deadline sends (set by hand: a client-side timer would race it).
+    request.metadata_mut().insert("grpc-timeout", "200m".parse().unwrap());
+    let status = client.get_order(request).await.expect_err("caller deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    connection.close(200, "done".into()).await.unwrap();
+    shutdown.trigger();
+    shutdown.wait().await;
+}
