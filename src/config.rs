@@ -292,12 +292,16 @@ pub struct ServiceConfig {
     pub database_url: String,
     /// Logs and trace export.
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// `SLUICE_OPS_ADDR`: the health endpoint (`off` disables it).
+    pub ops_addr: Option<std::net::SocketAddr>,
 }
 
 impl ServiceConfig {
-    /// Reads the configuration of `service` (`inventory`, `payment`, ...) from `source`.
-    pub fn from_source(source: &impl Source, service: &str) -> Result<Self, ConfigError> {
+    /// Reads the configuration of `service` (`inventory`, `payment`, ...) from `source`; its
+    /// ops endpoint defaults to `0.0.0.0:<ops_port>`.
+    pub fn from_source(source: &impl Source, service: &str, ops_port: u16) -> Result<Self, ConfigError> {
         Ok(Self {
+            ops_addr: crate::ops::ops_addr(source, ops_port)?,
             bus: BusConfig::from_source(source)?,
             database_url: database_url(source, service)?,
             telemetry: crate::telemetry::TelemetryConfig::from_source(source, &format!("sluice-{service}"))?,

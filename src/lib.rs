@@ -9,12 +9,13 @@
 //!   confirms, typed consumers with retries and dead-lettering, request/reply.
 //! - [`store`]: the service database (SQLite or PostgreSQL through sqlx), with the inbox and
 //!   outbox tables that make handler effects exactly-once.
-//! - [`config`], [`shutdown`], [`telemetry`]: process plumbing shared by every binary.
+//! - [`config`], [`shutdown`], [`telemetry`], [`ops`]: process plumbing shared by every binary.
 #![warn(missing_docs)]
 
 pub mod bus;
 pub mod config;
 pub mod events;
+pub mod ops;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

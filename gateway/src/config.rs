@@ -20,7 +20,12 @@ pub struct Config {
     pub request_timeout: Duration,
     /// `SLUICE_MAX_CONCURRENT_REQUESTS`: in-flight RPCs before new ones are shed (default 1024).
     pub max_concurrent_requests: usize,
+    /// `SLUICE_OPS_ADDR`: the health endpoint (default `0.0.0.0:9600`, `off` disables it).
+    pub ops_addr: Option<SocketAddr>,
 }
+
+/// Default port of the gateway's health endpoint.
+pub const OPS_PORT: u16 = 9600;
 
 impl Config {
     /// Reads the environment.
@@ -41,6 +46,7 @@ impl Config {
             query_timeout: Duration::from_millis(parse_or(source, "SLUICE_QUERY_TIMEOUT_MS", 5_000u64)?.max(1)),
             request_timeout: Duration::from_millis(parse_or(source, "SLUICE_REQUEST_TIMEOUT_MS", 30_000u64)?.max(1)),
             max_concurrent_requests,
+            ops_addr: sluice::ops::ops_addr(source, OPS_PORT)?,
         })
     }
 
@@ -53,6 +59,7 @@ impl Config {
             query_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 1024,
+            ops_addr: None,
         }
     }
 }

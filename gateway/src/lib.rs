@@ -79,10 +79,13 @@ impl Gateway {
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // So grpcurl can print google.rpc.BadRequest details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
         // Health follows the publishing connection: SERVING only while the broker is reachable
@@ -106,6 +109,16 @@ impl Gateway {
             })
         };
 
+        if let Some(addr) = self.config.ops_addr {
+            let ops = sluice::ops::Ops::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+            let publisher = self.publisher.clone();
+            let ops_shutdown = shutdown.clone();
+            shutdown.spawn(async move {
+                if let Err(error) = ops.run(move || publisher.is_ready(), ops_shutdown).await {
+                    tracing::error!(%error, "ops endpoint failed");
+                }
+            });
+        }
         tracing::info!(addr = %self.local_addr, "gateway serving");
         let layers = tower::ServiceBuilder::new()
             .load_shed()

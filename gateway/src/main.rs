@@ -1,11 +1,18 @@
 //! `sluice-gateway`: configuration, telemetry, bind, then serve until SIGTERM or Ctrl-C.
+//! `sluice-gateway health` probes a running instance (docker-compose's health check).
+
+use std::process::ExitCode;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let config = sluice_gateway::Config::from_env()?;
+    if let Some(code) = sluice::ops::health_subcommand(config.ops_addr).await {
+        return Ok(code);
+    }
     let _telemetry = sluice::telemetry::init(&config.telemetry)?;
     let shutdown = sluice::shutdown::Shutdown::on_signals();
     let gateway = sluice_gateway::Gateway::bind(config).await?;
-    gateway.run(shutdown).await?;
-    Ok(())
+    gateway.run(shutdown.clone()).await?;
+    shutdown.wait().await;
+    Ok(ExitCode::SUCCESS)
 }

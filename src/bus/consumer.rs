@@ -482,9 +482,11 @@ impl Consumer {
         ConsumerBuilder { service: service.to_owned(), config: config.clone(), store: store.clone(), routes: Vec::new(), serves: Vec::new() }
     }
 
-    /// Whether the consuming connection is up.
-    pub fn is_ready(&self) -> bool {
-        *self.link.ready().borrow()
+    /// Whether both connections (consuming and publishing) are up, as a function that stays
+    /// valid while the consumer runs (for health endpoints).
+    pub fn readiness(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let (consuming, publisher) = (self.link.ready(), self.publisher.clone());
+        move || *consuming.borrow() && publisher.is_ready()
     }
 
     /// Runs until `shutdown`, then stops cleanly: no new deliveries, in-flight handlers finish

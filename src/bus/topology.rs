@@ -47,8 +47,8 @@ pub fn retry_exchange(delay: Duration) -> String {
 
 /// `ReserveStock` → `reserve-stock`: handler names become queue names.
 pub fn kebab_case(type_name: &str) -> String {
-    let base = type_name.rsplit("::").next().unwrap_or(type_name);
-    let base = base.split('<').next().unwrap_or(base);
+    let base = type_name.split('<').next().unwrap_or(type_name);
+    let base = base.rsplit("::").next().unwrap_or(base);
     let mut out = String::with_capacity(base.len() + 4);
     for (i, c) in base.chars().enumerate() {
         if c.is_ascii_uppercase() {

@@ -17,6 +17,9 @@ use sluice::store::{Migration, Store};
 /// The service name: queue prefix, `app_id`, default database file.
 pub const SERVICE: &str = "inventory";
 
+/// Default port of the health endpoint (`SLUICE_OPS_ADDR`).
+pub const OPS_PORT: u16 = 9601;
+
 const MIGRATIONS: &[Migration] =
     &[Migration { version: 100, description: "stock", sql: include_str!("../migrations/0100_stock.sql") }];
 
@@ -52,7 +55,7 @@ impl Config {
             Some(path) => Catalog::from_file(&path)?,
             None => Catalog::demo(),
         };
-        Ok(Self { service: ServiceConfig::from_source(source, SERVICE)?, catalog })
+        Ok(Self { service: ServiceConfig::from_source(source, SERVICE, OPS_PORT)?, catalog })
     }
 }
 

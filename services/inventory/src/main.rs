@@ -1,10 +1,17 @@
 //! `sluice-inventory`: configuration, telemetry, then the service until SIGTERM or Ctrl-C.
+//! `sluice-inventory health` probes a running instance (docker-compose's health check).
+
+use std::process::ExitCode;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let config = sluice_inventory::Config::from_env()?;
+    if let Some(code) = sluice::ops::health_subcommand(config.service.ops_addr).await {
+        return Ok(code);
+    }
     let _telemetry = sluice::telemetry::init(&config.service.telemetry)?;
     let shutdown = sluice::shutdown::Shutdown::on_signals();
-    sluice_inventory::start(&config).await?.run(shutdown).await?;
-    Ok(())
+    let consumer = sluice_inventory::start(&config).await?;
+    sluice::ops::run_service(consumer, config.service.ops_addr, shutdown).await.map_err(|e| anyhow::anyhow!(e))?;
+    Ok(ExitCode::SUCCESS)
 }

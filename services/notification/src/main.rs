@@ -1,10 +1,17 @@
 //! `sluice-notification`: configuration, telemetry, then the service until SIGTERM or Ctrl-C.
+//! `sluice-notification health` probes a running instance (docker-compose's health check).
+
+use std::process::ExitCode;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let config = sluice_notification::config_from_env()?;
+    if let Some(code) = sluice::ops::health_subcommand(config.ops_addr).await {
+        return Ok(code);
+    }
     let _telemetry = sluice::telemetry::init(&config.telemetry)?;
     let shutdown = sluice::shutdown::Shutdown::on_signals();
-    sluice_notification::start(&config).await?.run(shutdown).await?;
-    Ok(())
+    let consumer = sluice_notification::start(&config).await?;
+    sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.map_err(|e| anyhow::anyhow!(e))?;
+    Ok(ExitCode::SUCCESS)
 }

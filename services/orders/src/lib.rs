@@ -19,12 +19,15 @@ use sluice::store::{Migration, Store};
 /// The service name: queue prefix, `app_id`, default database file.
 pub const SERVICE: &str = "orders";
 
+/// Default port of the health endpoint (`SLUICE_OPS_ADDR`).
+pub const OPS_PORT: u16 = 9604;
+
 const MIGRATIONS: &[Migration] =
     &[Migration { version: 100, description: "orders", sql: include_str!("../migrations/0100_orders.sql") }];
 
 /// Reads orders' configuration from the environment.
 pub fn config_from_env() -> Result<ServiceConfig, ConfigError> {
-    ServiceConfig::from_source(&Env, SERVICE)
+    ServiceConfig::from_source(&Env, SERVICE, OPS_PORT)
 }
 
 /// Migrates the database and starts consuming. Ready when it returns.

@@ -85,6 +85,7 @@ impl TestApp {
             bus: bus.clone(),
             database_url: url,
             telemetry: quiet_telemetry(name),
+            ops_addr: None,
         };
         let inventory = sluice_inventory::Config { service: service("inventory", databases.url_for("inventory").await), catalog };
         let payment = service("payment", databases.url_for("payment").await);
