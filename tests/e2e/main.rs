@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod compose;
+mod faults;
 mod placing_orders;
 mod platform;
 mod poison_messages;

@@ -60,6 +60,7 @@ async fn health_reflection_and_unknown_orders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_fail_fast_when_the_service_behind_them_is_missing_or_silent() {
+    let _broker = crate::support::broker::shared().await;
     let vhost = Vhost::create();
     let bus = BusConfig::for_url(vhost.url());
     let mut config = sluice_gateway::Config::for_bus(bus.clone());

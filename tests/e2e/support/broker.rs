@@ -31,6 +31,35 @@ fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).http_status_as_error(false).build().into()
 }
 
+/// The broker is shared by every test; a test that restarts it or raises an alarm takes it
+/// alone. Every other test holds a shared guard while it uses the broker.
+static BROKER: std::sync::LazyLock<std::sync::Arc<tokio::sync::RwLock<()>>> = std::sync::LazyLock::new(Default::default);
+
+/// Held while a test uses the broker.
+pub enum BrokerGuard {
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+/// The broker, shared with other tests.
+pub async fn shared() -> BrokerGuard {
+    BrokerGuard::Shared(BROKER.clone().read_owned().await)
+}
+
+/// The broker, for this test alone.
+pub async fn exclusive() -> BrokerGuard {
+    BrokerGuard::Exclusive(BROKER.clone().write_owned().await)
+}
+
+/// host:port of the AMQP listener.
+pub fn amqp_addr() -> std::net::SocketAddr {
+    let base = amqp_base();
+    let hostport = base.rsplit('@').next().unwrap_or("127.0.0.1:5672").trim_end_matches('/');
+    let hostport = hostport.split('/').next().unwrap_or(hostport);
+    use std::net::ToSocketAddrs;
+    hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).expect("SLUICE_TEST_AMQP names a reachable host:port")
+}
+
 /// A vhost that exists for the lifetime of this value.
 #[derive(Debug)]
 pub struct Vhost {

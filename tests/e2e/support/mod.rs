@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod database;
+pub mod proxy;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -26,12 +27,33 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub struct TestApp {
     pub gateway: OrderServiceClient<Channel>,
     pub addr: SocketAddr,
+    /// The test's own view of the broker (direct, never through the proxy).
     pub bus: BusConfig,
     pub rpc: RpcClient,
+    /// Between the platform and RabbitMQ, when spawned with `Options::proxy`.
+    pub proxy: Option<proxy::Proxy>,
+    services: Vec<Service>,
     shutdown: Shutdown,
     // Declared last: dropped after the platform stopped.
     _databases: database::Databases,
     _vhost: broker::Vhost,
+    _broker: broker::BrokerGuard,
+}
+
+/// How to spawn a test platform.
+pub struct Options {
+    pub backend: Backend,
+    pub catalog: Catalog,
+    /// Route every platform connection through a controllable TCP proxy.
+    pub proxy: bool,
+    /// Take the broker for this test alone (it restarts the broker or raises alarms).
+    pub exclusive: bool,
+}
+
+impl Options {
+    pub fn new(backend: Backend) -> Self {
+        Self { backend, catalog: test_catalog(), proxy: false, exclusive: false }
+    }
 }
 
 /// A catalog for tests: plenty of SKU-1, and SKU-LIMITED with 5 units.
@@ -68,45 +90,102 @@ fn tracing_subscriber_init() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// One in-process service, which a test can stop and start again.
+struct Service {
+    name: &'static str,
+    config: ServiceConfig,
+    catalog: Option<Catalog>,
+    shutdown: Shutdown,
+}
+
+impl Service {
+    async fn start(&mut self, parent: &Shutdown) {
+        let consumer = match self.name {
+            "inventory" => {
+                let config = sluice_inventory::Config { service: self.config.clone(), catalog: self.catalog.clone().unwrap() };
+                sluice_inventory::start(&config).await
+            }
+            "payment" => sluice_payment::start(&self.config).await,
+            "notification" => sluice_notification::start(&self.config).await,
+            "orders" => sluice_orders::start(&self.config).await,
+            other => panic!("unknown service {other}"),
+        }
+        .unwrap_or_else(|e| panic!("starting {}: {e}", self.name));
+        self.shutdown = parent.child();
+        let shutdown = self.shutdown.clone();
+        self.shutdown.spawn(consumer.run(shutdown));
+    }
+}
+
 impl TestApp {
     pub async fn spawn(backend: Backend) -> Self {
-        Self::spawn_with(backend, test_catalog()).await
+        Self::spawn_opts(Options::new(backend)).await
     }
 
-    pub async fn spawn_with(backend: Backend, catalog: Catalog) -> Self {
+    pub async fn spawn_opts(options: Options) -> Self {
         init_test_logs();
+        let guard = if options.exclusive { broker::exclusive().await } else { broker::shared().await };
         let vhost = broker::Vhost::create();
         let mut bus = BusConfig::for_url(vhost.url());
         bus.retry.base = Duration::from_millis(200);
         bus.retry.max_delay = Duration::from_secs(2);
-        let mut databases = database::Databases::new(backend);
-        let shutdown = Shutdown::new();
-        let service = |name: &'static str, url: String| ServiceConfig {
-            bus: bus.clone(),
-            database_url: url,
-            telemetry: quiet_telemetry(name),
-            ops_addr: None,
-        };
-        let inventory = sluice_inventory::Config { service: service("inventory", databases.url_for("inventory").await), catalog };
-        let payment = service("payment", databases.url_for("payment").await);
-        let notification = service("notification", databases.url_for("notification").await);
-        let orders = service("orders", databases.url_for("orders").await);
-
-        let consumers = vec![
-            sluice_inventory::start(&inventory).await.expect("starting inventory"),
-            sluice_payment::start(&payment).await.expect("starting payment"),
-            sluice_notification::start(&notification).await.expect("starting notification"),
-            sluice_orders::start(&orders).await.expect("starting orders"),
-        ];
-        for consumer in consumers {
-            shutdown.spawn(consumer.run(shutdown.clone()));
+        bus.retry.max_attempts = 8;
+        let proxy = if options.proxy { Some(proxy::Proxy::start(broker::amqp_addr()).await) } else { None };
+        let mut platform_bus = bus.clone();
+        if let Some(proxy) = &proxy {
+            platform_bus.url = proxy.url(&vhost.name);
+            platform_bus.confirm_timeout = Duration::from_secs(2);
         }
-        let gateway = sluice_gateway::Gateway::bind(sluice_gateway::Config::for_bus(bus.clone())).await.expect("binding the gateway");
+        let mut databases = database::Databases::new(options.backend);
+        let shutdown = Shutdown::new();
+        let mut services = Vec::new();
+        for name in ["inventory", "payment", "notification", "orders"] {
+            let config = ServiceConfig {
+                bus: platform_bus.clone(),
+                database_url: databases.url_for(name).await,
+                telemetry: quiet_telemetry(name),
+                ops_addr: None,
+            };
+            let catalog = (name == "inventory").then(|| options.catalog.clone());
+            let mut service = Service { name, config, catalog, shutdown: Shutdown::new() };
+            service.start(&shutdown).await;
+            services.push(service);
+        }
+        let mut gateway_config = sluice_gateway::Config::for_bus(platform_bus.clone());
+        if proxy.is_some() {
+            gateway_config.query_timeout = Duration::from_secs(2);
+        }
+        let gateway = sluice_gateway::Gateway::bind(gateway_config).await.expect("binding the gateway");
         let addr = gateway.local_addr();
         shutdown.spawn(gateway.run(shutdown.clone()));
         let client = OrderServiceClient::connect(format!("http://{addr}")).await.expect("connecting to the gateway");
         let rpc = RpcClient::connect(&bus, "test").await.expect("connecting an rpc client");
-        Self { gateway: client, addr, bus, rpc, shutdown, _databases: databases, _vhost: vhost }
+        Self {
+            gateway: client,
+            addr,
+            bus,
+            rpc,
+            proxy,
+            services,
+            shutdown,
+            _databases: databases,
+            _vhost: vhost,
+            _broker: guard,
+        }
+    }
+
+    /// Stops one service cleanly (SIGTERM-like) and waits for it.
+    pub async fn stop_service(&mut self, name: &str) {
+        let service = self.services.iter_mut().find(|s| s.name == name).expect("a known service");
+        service.shutdown.trigger();
+        tokio::time::timeout(DEADLINE, service.shutdown.wait()).await.expect("the service did not stop in time");
+    }
+
+    /// Starts a stopped service again, on the same database.
+    pub async fn start_service(&mut self, name: &str) {
+        let shutdown = self.shutdown.clone();
+        let service = self.services.iter_mut().find(|s| s.name == name).expect("a known service");
+        service.start(&shutdown).await;
     }
 
     /// Places an order through the gateway.
@@ -164,6 +243,9 @@ impl TestApp {
     /// Stops every process cleanly and waits for them.
     pub async fn stop(self) {
         self.shutdown.trigger();
+        for service in &self.services {
+            tokio::time::timeout(DEADLINE, service.shutdown.wait()).await.expect("a service did not stop in time");
+        }
         tokio::time::timeout(DEADLINE, self.shutdown.wait()).await.expect("the platform did not stop in time");
         self.rpc.close().await;
     }

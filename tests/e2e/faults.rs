@@ -1,0 +1,250 @@
+//! Delivery guarantees under faults: a dropped connection, a silent broker, a broker restart
+//! and a memory alarm. Each test fails if its guarantee is removed: every order the gateway
+//! confirmed must complete exactly once, and calls made during the fault must fail fast.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use sluice::pb::{OrderStatus, PlaceOrderRequest};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::support::{Backend, Options, TestApp, an_order, eventually};
+
+/// What a stream of PlaceOrder calls has seen so far.
+#[derive(Debug, Default)]
+struct Tally {
+    accepted: Vec<String>,
+    /// (code, how long the failed call took)
+    failed: Vec<(Code, Duration)>,
+}
+
+type Shared = Arc<Mutex<Tally>>;
+
+/// Places orders from `workers` concurrent callers until `stop`, recording every outcome.
+async fn load(app: &TestApp, workers: usize, request: PlaceOrderRequest, tally: Shared, stop: CancellationToken) {
+    let calls = (0..workers).map(|_| {
+        let (tally, stop, request) = (tally.clone(), stop.clone(), request.clone());
+        async move {
+            while !stop.is_cancelled() {
+                let started = Instant::now();
+                let result = app.place(request.clone()).await;
+                let failed = {
+                    let mut tally = tally.lock().unwrap();
+                    match result {
+                        Ok(accepted) => {
+                            tally.accepted.push(accepted.order_id);
+                            false
+                        }
+                        Err(status) => {
+                            tally.failed.push((status.code(), started.elapsed()));
+                            true
+                        }
+                    }
+                };
+                if failed {
+                    // Pace a caller that keeps failing, like any client with backoff would.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(calls).await;
+}
+
+/// Waits until `check` holds for the tally.
+async fn until(tally: &Shared, what: &str, check: impl Fn(&Tally) -> bool) {
+    let mut last = None;
+    eventually(|| async { Some(check(&tally.lock().unwrap())) }, |ok| *ok, &mut last)
+        .await
+        .unwrap_or_else(|| panic!("timed out waiting for {what}: {:?}", tally.lock().unwrap()));
+}
+
+async fn health(app: &TestApp) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr)).ok()?.connect().await.ok()?;
+    let mut client = HealthClient::new(channel);
+    Some(client.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner().status())
+}
+
+async fn wait_health(app: &TestApp, wanted: ServingStatus) {
+    let mut last = None;
+    eventually(|| async { health(app).await }, |s| *s == wanted, &mut last)
+        .await
+        .unwrap_or_else(|| panic!("health never became {wanted:?}; last {last:?}"));
+}
+
+/// Every accepted order reached COMPLETED, with each lifecycle event exactly once (the
+/// history must be exactly created → reserved → captured → notified).
+async fn assert_all_completed_once(app: &TestApp, accepted: &[String]) {
+    let outcomes = futures_util::future::join_all(accepted.iter().map(|id| app.wait_for_outcome(id))).await;
+    for order in &outcomes {
+        assert_eq!(order.status(), OrderStatus::Completed, "{order:#?}");
+        assert_eq!(order.history.len(), 4, "each event projected once: {order:#?}");
+    }
+}
+
+/// Stock bookkeeping stayed whole: nothing is left reserved once every order settled, and at
+/// least the accepted orders were sold (an order whose confirm was lost may also be sold).
+async fn assert_stock_settled(app: &TestApp, sku: &str, before: i64, accepted: usize) {
+    let mut last = None;
+    let stock = eventually(|| async { Some(app.stock(sku).await) }, |s| s.reserved == 0, &mut last)
+        .await
+        .unwrap_or_else(|| panic!("stock of {sku} still reserved: {last:?}"));
+    let sold = before - stock.available;
+    assert!(sold >= accepted as i64, "sold {sold} < accepted {accepted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_loses_nothing_doubles_nothing_and_heals() {
+    let app = TestApp::spawn_opts(Options { proxy: true, ..Options::new(Backend::Sqlite) }).await;
+    let proxy = app.proxy.as_ref().unwrap();
+    let before = app.stock("SKU-2").await.available;
+    let warm_up = app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("warm-up order");
+    let tally: Shared = Arc::default();
+    let stop = CancellationToken::new();
+
+    let driver = async {
+        until(&tally, "orders before the cut", |t| t.accepted.len() >= 20).await;
+        proxy.cut();
+        let accepted_at_cut = tally.lock().unwrap().accepted.len();
+        until(&tally, "calls during the outage", |t| t.failed.len() >= 10).await;
+        wait_health(&app, ServingStatus::NotServing).await;
+        proxy.restore();
+        let restored = Instant::now();
+        until(&tally, "orders after recovery", |t| t.accepted.len() >= accepted_at_cut + 20).await;
+        let recovery = restored.elapsed();
+        stop.cancel();
+        recovery
+    };
+    let ((), recovery) = tokio::join!(load(&app, 4, an_order("SKU-2", 1, "tok_visa"), tally.clone(), stop.clone()), driver);
+    wait_health(&app, ServingStatus::Serving).await;
+
+    let tally = Arc::try_unwrap(tally).unwrap().into_inner().unwrap();
+    for (code, took) in &tally.failed {
+        assert_eq!(*code, Code::Unavailable, "{tally:?}");
+        assert!(*took < Duration::from_secs(3), "a call during the outage took {took:?}");
+    }
+    let mut accepted = tally.accepted.clone();
+    accepted.push(warm_up.order_id);
+    assert_all_completed_once(&app, &accepted).await;
+    assert_stock_settled(&app, "SKU-2", before, accepted.len()).await;
+    let slowest = tally.failed.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    println!(
+        "dropped connection: accepted {} (all completed once), failed fast {} (slowest {slowest:?}), recovered in {recovery:?}",
+        accepted.len(),
+        tally.failed.len()
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_is_an_error_not_a_hang_and_a_retry_is_deduplicated() {
+    let app = TestApp::spawn_opts(Options { proxy: true, ..Options::new(Backend::Sqlite) }).await;
+    let proxy = app.proxy.as_ref().unwrap();
+    app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("warm-up order");
+    let mut request = an_order("SKU-2", 1, "tok_visa");
+    request.idempotency_key = "k-silent".into();
+
+    proxy.freeze();
+    let started = Instant::now();
+    let status = app.place(request.clone()).await.expect_err("no confirm can arrive");
+    let took = started.elapsed();
+    proxy.thaw();
+
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(took < Duration::from_secs(4), "the confirm timeout (2 s here) bounds the call: {took:?}");
+    // The client retries with the same key: one order, whatever happened to the first try.
+    let retried = app.place(request).await.expect("the retry");
+    let order = app.wait_for_outcome(&retried.order_id).await;
+    assert_eq!(order.status(), OrderStatus::Completed);
+    assert_eq!(order.history.len(), 4, "one order, each event once: {order:#?}");
+    println!("silent broker: PlaceOrder failed with UNAVAILABLE after {took:?}; retry completed once");
+    app.stop().await;
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl").args(args).status().expect("running rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// Starts the broker app again even if the test fails half-way.
+struct RestartGuard;
+
+impl Drop for RestartGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").arg("start_app").status();
+        let _ = std::process::Command::new("rabbitmqctl").args(["await_startup", "--timeout", "60"]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_loses_no_confirmed_order() {
+    let mut app = TestApp::spawn_opts(Options { exclusive: true, ..Options::new(Backend::Sqlite) }).await;
+    app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("warm-up order");
+    // Inventory is down: confirmed orders wait in its durable queue across the restart.
+    app.stop_service("inventory").await;
+    let mut accepted = Vec::new();
+    for _ in 0..10 {
+        accepted.push(app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("confirmed before the restart").order_id);
+    }
+
+    let guard = RestartGuard;
+    rabbitmqctl(&["stop_app"]);
+    let stopped = Instant::now();
+    wait_health(&app, ServingStatus::NotServing).await;
+    let started = Instant::now();
+    let status = app.place(an_order("SKU-2", 1, "tok_visa")).await.expect_err("the broker is down");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_secs(1), "fails fast: {:?}", started.elapsed());
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup", "--timeout", "60"]);
+    drop(guard);
+    wait_health(&app, ServingStatus::Serving).await;
+    let outage = stopped.elapsed();
+    app.start_service("inventory").await;
+
+    assert_all_completed_once(&app, &accepted).await;
+    let after = app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("the platform healed without a restart");
+    assert_eq!(app.wait_for_outcome(&after.order_id).await.status(), OrderStatus::Completed);
+    println!("broker restart: {} orders confirmed before it, all completed once; gateway SERVING again {outage:?} after stop_app", accepted.len());
+    app.stop().await;
+}
+
+/// Restores the memory watermark even if the test fails half-way.
+struct WatermarkGuard;
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["set_vm_memory_high_watermark", "0.4"]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_broker_makes_place_order_unavailable_and_health_not_serving() {
+    let app = TestApp::spawn_opts(Options { exclusive: true, ..Options::new(Backend::Sqlite) }).await;
+    app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("warm-up order");
+
+    let guard = WatermarkGuard;
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0.000001"]);
+    // The broker blocks publishing connections; the first publish may be what reveals it.
+    let started = Instant::now();
+    let status = app.place(an_order("SKU-2", 1, "tok_visa")).await.expect_err("publishing is blocked");
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(took < Duration::from_secs(7), "bounded by the confirm timeout (5 s): {took:?}");
+    wait_health(&app, ServingStatus::NotServing).await;
+    let started = Instant::now();
+    let status = app.place(an_order("SKU-2", 1, "tok_visa")).await.expect_err("still blocked");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_millis(500), "known blocked: fails at once ({:?})", started.elapsed());
+    drop(guard);
+    wait_health(&app, ServingStatus::Serving).await;
+
+    let accepted = app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("unblocked");
+    assert_eq!(app.wait_for_outcome(&accepted.order_id).await.status(), OrderStatus::Completed);
+    println!("memory alarm: first PlaceOrder UNAVAILABLE after {took:?}, then at once; SERVING again after the alarm cleared");
+    app.stop().await;
+}
