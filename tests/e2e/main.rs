@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod compose;
+mod delivery;
 mod faults;
 mod placing_orders;
 mod platform;

@@ -1,0 +1,261 @@
+//! The bus's delivery policy with handlers written to fail on purpose: delayed retries,
+//! dead-lettering after the last attempt without holding up other messages, deduplication of
+//! a redelivered event, and a shutdown that finishes what it started and nothing more.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicGetOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use sluice::bus::{Consumer, Context, Handler, HandlerError, Publisher, headers};
+use sluice::config::BusConfig;
+use sluice::events::OrderCreated;
+use sluice::shutdown::Shutdown;
+use sluice::store::{Migration, Store};
+use sqlx::Row;
+use tokio::sync::Semaphore;
+
+use crate::support::{broker, database::{Backend, Databases}, eventually};
+
+const EFFECTS: &[Migration] = &[Migration {
+    version: 100,
+    description: "effects",
+    // No unique key on purpose: a second effect of one event would show as a second row.
+    sql: "CREATE TABLE effects (event_id TEXT NOT NULL, attempt BIGINT NOT NULL)",
+}];
+
+/// Every call of the handler: event id → (attempt, when).
+type Calls = Arc<Mutex<HashMap<String, Vec<(u32, Instant)>>>>;
+
+/// Fails `fail_times` times per event (forever for ids starting with `poison`), then records
+/// its effect. With a gate, each call first waits for a permit.
+#[derive(Clone, Default)]
+struct Flaky {
+    fail_times: u32,
+    calls: Calls,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Handler<OrderCreated> for Flaky {
+    fn name(&self) -> String {
+        "flaky".into()
+    }
+
+    async fn handle(&self, _event: OrderCreated, ctx: &mut Context) -> Result<(), HandlerError> {
+        let id = ctx.meta().event_id.clone();
+        let attempt = ctx.meta().attempt;
+        let calls_so_far = {
+            let mut calls = self.calls.lock().unwrap();
+            let entry = calls.entry(id.clone()).or_default();
+            entry.push((attempt, Instant::now()));
+            entry.len() as u32
+        };
+        if let Some(gate) = &self.gate {
+            let _permit = gate.acquire().await.map_err(HandlerError::retry)?;
+        }
+        if id.starts_with("poison") || calls_so_far <= self.fail_times {
+            return Err(HandlerError::retry(format!("transient failure #{calls_so_far} of {id}")));
+        }
+        sqlx::query("INSERT INTO effects (event_id, attempt) VALUES ($1, $2)")
+            .bind(&id)
+            .bind(i64::from(attempt))
+            .execute(ctx.db())
+            .await?;
+        Ok(())
+    }
+}
+
+struct Rig {
+    bus: BusConfig,
+    store: Store,
+    publisher: Publisher,
+    _databases: Databases,
+    _vhost: broker::Vhost,
+    _broker: broker::BrokerGuard,
+}
+
+impl Rig {
+    async fn new(backend: Backend, configure: impl FnOnce(&mut BusConfig)) -> Self {
+        let guard = broker::shared().await;
+        let vhost = broker::Vhost::create();
+        let mut bus = BusConfig::for_url(vhost.url());
+        configure(&mut bus);
+        let mut databases = Databases::new(backend);
+        let store = Store::connect(&databases.url_for("test").await, EFFECTS).await.unwrap();
+        let publisher = Publisher::connect(&bus, "test").await.unwrap();
+        Self { bus, store, publisher, _databases: databases, _vhost: vhost, _broker: guard }
+    }
+
+    async fn start(&self, handler: Flaky) -> Consumer {
+        Consumer::builder("test", &self.bus, &self.store).on(handler).start().await.unwrap()
+    }
+
+    async fn publish(&self, event_id: &str) {
+        let event = OrderCreated { order_id: format!("order-{event_id}"), ..Default::default() };
+        self.publisher.publish(&event, event_id).await.unwrap();
+    }
+
+    async fn effects(&self, event_id: &str) -> i64 {
+        sqlx::query("SELECT COUNT(*) AS n FROM effects WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap()
+    }
+
+    async fn wait_effect(&self, event_id: &str) {
+        let mut last = None;
+        eventually(|| async { Some(self.effects(event_id).await) }, |n| *n >= 1, &mut last)
+            .await
+            .unwrap_or_else(|| panic!("no effect for {event_id}"));
+    }
+
+    /// Ready messages in `queue` (unacknowledged ones are not counted).
+    async fn ready(&self, queue: &str) -> u32 {
+        let connection = Connection::connect(&self.bus.url, ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let queue = channel
+            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        let _ = connection.close(200, "done".into()).await;
+        queue.message_count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_after_a_backoff_and_applied_once() {
+    let rig = Rig::new(Backend::Sqlite, |bus| {
+        bus.retry.base = Duration::from_millis(200);
+        bus.retry.factor = 2;
+    })
+    .await;
+    let handler = Flaky { fail_times: 2, ..Flaky::default() };
+    let consumer = rig.start(handler.clone()).await;
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+
+    rig.publish("e-1").await;
+    rig.wait_effect("e-1").await;
+
+    let calls = handler.calls.lock().unwrap().get("e-1").cloned().unwrap();
+    let attempts: Vec<u32> = calls.iter().map(|(a, _)| *a).collect();
+    assert_eq!(attempts, [1, 2, 3], "the attempt count travels with the message");
+    let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert!(gaps[0] >= Duration::from_millis(200), "first retry after the base delay: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(400), "second retry after base × factor: {gaps:?}");
+    assert_eq!(rig.effects("e-1").await, 1);
+    println!("retries: attempts {attempts:?}, delays {gaps:?}");
+    shutdown.trigger();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_always_fails_is_dead_lettered_without_holding_up_others() {
+    let rig = Rig::new(Backend::Sqlite, |bus| {
+        bus.retry.base = Duration::from_millis(300);
+        bus.retry.max_attempts = 3;
+    })
+    .await;
+    let handler = Flaky::default();
+    let consumer = rig.start(handler.clone()).await;
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+
+    rig.publish("poison-1").await;
+    for i in 0..5 {
+        rig.publish(&format!("good-{i}")).await;
+    }
+    for i in 0..5 {
+        rig.wait_effect(&format!("good-{i}")).await;
+    }
+    let poison_calls_when_others_done = handler.calls.lock().unwrap().get("poison-1").map_or(0, Vec::len);
+    assert!(poison_calls_when_others_done < 3, "the others did not wait for the poison's retries");
+
+    let connection = Connection::connect(&rig.bus.url, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut last = None;
+    let dead = eventually(
+        || async {
+            channel
+                .basic_get("test.flaky.dlq".into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .map(|m| (m.delivery.properties.message_id().clone(), m.delivery.properties.headers().clone().unwrap_or_default()))
+        },
+        |_| true,
+        &mut last,
+    )
+    .await
+    .expect("the poison in test.flaky.dlq");
+    assert_eq!(dead.0.as_ref().map(|s| s.as_str()), Some("poison-1"), "the message id is kept");
+    let h = &dead.1;
+    assert_eq!(headers::header_str(h, headers::DEAD_LETTER_REASON), Some("retries-exhausted"));
+    assert_eq!(headers::header_u32(h, headers::ATTEMPT), Some(3));
+    assert_eq!(headers::header_str(h, headers::ORIGINAL_QUEUE), Some("test.flaky"));
+    assert_eq!(headers::header_str(h, headers::ORIGINAL_ROUTING_KEY), Some("order.created"));
+    assert!(headers::header_str(h, headers::DEAD_LETTER_ERROR).unwrap().contains("transient failure #3"));
+    assert_eq!(handler.calls.lock().unwrap()["poison-1"].len(), 3, "exactly max_attempts deliveries");
+    assert_eq!(rig.effects("poison-1").await, 0);
+    connection.close(200, "done".into()).await.unwrap();
+    shutdown.trigger();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_delivery_has_no_second_effect() {
+    let rig = Rig::new(Backend::Sqlite, |bus| bus.prefetch = 1).await;
+    let handler = Flaky::default();
+    let consumer = rig.start(handler.clone()).await;
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+
+    // Same message id twice (a producer retry, a redelivery), then a marker behind them.
+    rig.publish("dup-1").await;
+    rig.publish("dup-1").await;
+    rig.publish("marker").await;
+    rig.wait_effect("marker").await;
+
+    assert_eq!(rig.effects("dup-1").await, 1, "one effect");
+    assert_eq!(handler.calls.lock().unwrap()["dup-1"].len(), 1, "the duplicate never reached the handler");
+    assert_eq!(rig.ready("test.flaky").await, 0, "the duplicate was acknowledged");
+    shutdown.trigger();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_handlers_and_leaves_the_rest_queued() {
+    // PostgreSQL: SQLite's single connection would run the handlers one at a time.
+    let rig = Rig::new(Backend::Postgres, |bus| bus.prefetch = 4).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
+    let consumer = rig.start(handler.clone()).await;
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+
+    for i in 0..6 {
+        rig.publish(&format!("e-{i}")).await;
+    }
+    // Four handlers are running (the prefetch); two messages wait on the broker.
+    let mut last = None;
+    eventually(|| async { Some(handler.calls.lock().unwrap().len()) }, |n| *n == 4, &mut last)
+        .await
+        .expect("four deliveries in flight");
+
+    shutdown.trigger();
+    gate.add_permits(4);
+    running.await.unwrap().unwrap();
+
+    let done: i64 = sqlx::query("SELECT COUNT(*) AS n FROM effects").fetch_one(rig.store.pool()).await.unwrap().try_get("n").unwrap();
+    assert_eq!(done, 4, "every in-flight handler finished and committed");
+    assert_eq!(rig.ready("test.flaky").await, 2, "finished work was acknowledged, unstarted work was not");
+    assert_eq!(handler.calls.lock().unwrap().len(), 4, "nothing new was taken after shutdown began");
+}
