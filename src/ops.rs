@@ -84,7 +84,7 @@ pub async fn run_service(
         let readiness = consumer.readiness();
         let ops_shutdown = shutdown.clone();
         shutdown.spawn(async move {
-            if let Err(error) = ops.run(move || readiness(), ops_shutdown).await {
+            if let Err(error) = ops.run(readiness, ops_shutdown).await {
                 tracing::error!(%error, "ops endpoint failed");
             }
         });

@@ -41,10 +41,8 @@ impl TelemetryConfig {
             }
         };
         let otlp_endpoint = source.get("OTEL_EXPORTER_OTLP_ENDPOINT");
-        if let Some(endpoint) = &otlp_endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone(), "expected an http:// or https:// URL"));
-            }
+        if let Some(endpoint) = otlp_endpoint.as_ref().filter(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
+            return Err(ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone(), "expected an http:// or https:// URL"));
         }
         Ok(Self {
             service_name: source.get("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service_name.to_owned()),

@@ -1,10 +1,13 @@
 //! End-to-end tests: real RabbitMQ (a fresh vhost per test), real databases (SQLite and
 //! PostgreSQL), real gRPC over TCP. One binary, many modules.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the point
+
 mod support;
 
 mod bad_input;
 mod compose;
+mod crash;
 mod delivery;
 mod faults;
 mod placing_orders;

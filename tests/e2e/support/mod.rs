@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod database;
+pub mod load;
 pub mod proxy;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
@@ -48,11 +49,13 @@ pub struct Options {
     pub proxy: bool,
     /// Take the broker for this test alone (it restarts the broker or raises alarms).
     pub exclusive: bool,
+    /// Services the test runs itself (as processes, see `service_env`), not in-process.
+    pub external: Vec<&'static str>,
 }
 
 impl Options {
     pub fn new(backend: Backend) -> Self {
-        Self { backend, catalog: test_catalog(), proxy: false, exclusive: false }
+        Self { backend, catalog: test_catalog(), proxy: false, exclusive: false, external: Vec::new() }
     }
 }
 
@@ -148,7 +151,9 @@ impl TestApp {
             };
             let catalog = (name == "inventory").then(|| options.catalog.clone());
             let mut service = Service { name, config, catalog, shutdown: Shutdown::new() };
-            service.start(&shutdown).await;
+            if !options.external.contains(&name) {
+                service.start(&shutdown).await;
+            }
             services.push(service);
         }
         let mut gateway_config = sluice_gateway::Config::for_bus(platform_bus.clone());
@@ -172,6 +177,32 @@ impl TestApp {
             _vhost: vhost,
             _broker: guard,
         }
+    }
+
+    /// The environment that runs `name` as a process (`sluice-<name>` reads the same
+    /// variables), on this test's vhost and database.
+    pub fn service_env(&self, name: &str) -> Vec<(String, String)> {
+        let service = self.services.iter().find(|s| s.name == name).expect("a known service");
+        let bus = &service.config.bus;
+        let mut env = vec![
+            ("SLUICE_AMQP_URL".to_owned(), bus.url.clone()),
+            ("DATABASE_URL".to_owned(), service.config.database_url.clone()),
+            ("SLUICE_RETRY_BASE_MS".to_owned(), bus.retry.base.as_millis().to_string()),
+            ("SLUICE_RETRY_MAX_DELAY_MS".to_owned(), bus.retry.max_delay.as_millis().to_string()),
+            ("SLUICE_RETRY_MAX_ATTEMPTS".to_owned(), bus.retry.max_attempts.to_string()),
+            ("SLUICE_OPS_ADDR".to_owned(), "off".to_owned()),
+        ];
+        if let Some(catalog) = &service.catalog {
+            let path = std::env::temp_dir().join(format!("sluice-catalog-{}.json", uuid::Uuid::new_v4().simple()));
+            let items: Vec<serde_json::Value> = catalog
+                .items()
+                .iter()
+                .map(|i| serde_json::json!({"sku": i.sku, "name": i.name, "price_cents": i.price_cents, "stock": i.stock}))
+                .collect();
+            std::fs::write(&path, serde_json::to_string(&items).unwrap()).unwrap();
+            env.push(("SLUICE_CATALOG".to_owned(), path.display().to_string()));
+        }
+        env
     }
 
     /// Stops one service cleanly (SIGTERM-like) and waits for it.
@@ -201,13 +232,14 @@ impl TestApp {
     /// Waits until the order satisfies `done`, or panics with its last state.
     pub async fn wait_for(&self, order_id: &str, done: impl Fn(&Order) -> bool) -> Order {
         let mut last = None;
-        let found = eventually(|| {
-            let order_id = order_id.to_owned();
-            async move { self.get(&order_id).await.ok() }
-        }, |order| {
-            let ok = done(order);
-            ok
-        }, &mut last)
+        let found = eventually(
+            || {
+                let order_id = order_id.to_owned();
+                async move { self.get(&order_id).await.ok() }
+            },
+            &done,
+            &mut last,
+        )
         .await;
         found.unwrap_or_else(|| panic!("order {order_id} did not reach the expected state; last seen: {last:#?}"))
     }
