@@ -17,6 +17,7 @@
 
 pub mod connection;
 pub mod consumer;
+pub mod dlq;
 mod error;
 pub mod handler;
 pub mod headers;

@@ -9,6 +9,7 @@ mod bad_input;
 mod compose;
 mod crash;
 mod delivery;
+mod dlq_tool;
 mod faults;
 mod placing_orders;
 mod platform;
