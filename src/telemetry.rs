@@ -79,6 +79,20 @@ pub enum TelemetryError {
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
 
+/// Records the span's OpenTelemetry ids as its `trace_id` / `span_id` fields (declare them
+/// `tracing::field::Empty`), so JSON log lines inside the span carry them.
+pub fn record_ids(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = span.context();
+    let otel = context.span();
+    let ids = otel.span_context();
+    if ids.is_valid() {
+        span.record("trace_id", ids.trace_id().to_string());
+        span.record("span_id", ids.span_id().to_string());
+    }
+}
+
 /// Installs W3C trace-context propagation only (what the bus needs to carry `traceparent`).
 pub fn init_propagation() {
     global::set_text_map_propagator(TraceContextPropagator::new());
@@ -92,27 +106,32 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
     };
-    let (otel_layer, provider) = match &config.otlp_endpoint {
-        Some(endpoint) => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint.clone())
-                .with_timeout(std::time::Duration::from_secs(3))
-                .build()?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(Resource::builder().with_service_name(config.service_name.clone()).build())
-                .build();
-            global::set_tracer_provider(provider.clone());
-            let tracer = provider.tracer(config.service_name.clone());
-            (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
-        }
-        None => (None, None),
-    };
+    // Spans always get OpenTelemetry ids (so every log line can carry its trace id); they are
+    // exported only when an endpoint is configured, by a batch processor on its own thread, so
+    // a slow or absent collector never blocks the hot path.
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(config.service_name.clone()).build());
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .with_timeout(std::time::Duration::from_secs(3))
+            .build()?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    global::set_tracer_provider(provider.clone());
+    let tracer = provider.tracer(config.service_name.clone());
+    // lapin's connection I/O loop is a span of its own that lives as long as the connection:
+    // not part of any request's story, so it is not exported.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| !meta.target().starts_with("lapin")));
+    let provider = config.otlp_endpoint.is_some().then_some(provider);
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt_layer)

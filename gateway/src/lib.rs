@@ -168,8 +168,11 @@ mod tracing_opentelemetry_ext {
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.method = %path,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
         let _ = span.set_parent(parent);
+        sluice::telemetry::record_ids(&span);
         span
     }
 }

@@ -27,14 +27,13 @@ use lapin::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
     Error, Publisher, Rpc,
     connection::{BoxFuture, Link, Session},
     handler::{Context, DRAIN_TIMEOUT, Handler, HandlerError, Metadata, Responder},
-    headers::{self, TraceContext},
-    relay, topology,
+    headers,
+    relay, spans, topology,
 };
 use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Store}};
 
@@ -51,6 +50,7 @@ struct Shared {
     store: Store,
     publisher: Publisher,
     config: BusConfig,
+    server: spans::Server,
 }
 
 /// A handler with its event type erased, so a consumer can hold many.
@@ -108,22 +108,23 @@ impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
                 handler: self.name.clone(),
                 queue: self.queue.clone(),
             };
-            let span = tracing::info_span!(
-                "process",
-                otel.name = %format!("process {}", self.queue),
-                otel.kind = "consumer",
-                messaging.system = "rabbitmq",
-                messaging.operation.type = "process",
-                messaging.destination.name = %self.queue,
-                messaging.rabbitmq.destination.routing_key = E::ROUTING_KEY,
-                messaging.message.id = %event_id,
-                event_id = %event_id,
-                order_id = %meta.correlation_id.as_deref().unwrap_or(""),
-                handler = %self.name,
-                attempt = meta.attempt,
-            );
-            let _ = span.set_parent(TraceContext::extract(hdrs));
-            self.run_handler(event, meta, shared).instrument(span).await
+            let order_id = meta.correlation_id.clone().unwrap_or_default();
+            let delivered = spans::Delivered {
+                queue: &self.queue,
+                routing_key: &meta.routing_key,
+                message_id: &event_id,
+                order_id: &order_id,
+                handler: &self.name,
+                attempt: meta.attempt,
+            };
+            let span = spans::consumer(&delivered, hdrs, &shared.server);
+            let outcome = self.run_handler(event, meta, shared).instrument(span.clone()).await;
+            match &outcome {
+                Outcome::Ack => {}
+                Outcome::Retry(error) => spans::fail(&span, error),
+                Outcome::DeadLetter { error, .. } => spans::fail(&span, error),
+            }
+            outcome
         })
     }
 }
@@ -144,7 +145,7 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
             Err(error) => return Outcome::Retry(format!("recording the inbox entry: {error}")),
         }
         let mut ctx = Context::new(tx, meta);
-        let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().await;
+        let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
         match result {
             Ok(Ok(())) => {
                 let (mut tx, emitted) = ctx.into_parts();
@@ -245,7 +246,12 @@ impl ConsumerBuilder {
             return Err(Error::InvalidName(format!("two handlers share the queue {}", pair[0])));
         }
         let publisher = Publisher::connect(&self.config, &self.service).await?;
-        let shared = Arc::new(Shared { store: self.store.clone(), publisher: publisher.clone(), config: self.config.clone() });
+        let shared = Arc::new(Shared {
+            store: self.store.clone(),
+            publisher: publisher.clone(),
+            config: self.config.clone(),
+            server: spans::Server::of(&self.config.url),
+        });
         let intake = CancellationToken::new();
         let tracker = TaskTracker::new();
         let session = Consuming {

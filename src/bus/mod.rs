@@ -23,6 +23,7 @@ pub mod handler;
 pub mod headers;
 pub mod publisher;
 mod relay;
+mod spans;
 pub mod rpc;
 pub mod tap;
 pub mod topology;

@@ -16,11 +16,13 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
 use tokio::sync::{Mutex, watch};
+use tracing::Instrument;
 
 use super::{
     Error,
     connection::{BoxFuture, Link, LinkState, Session},
-    headers::Envelope,
+    headers::{Envelope, TraceContext},
+    spans,
     topology::{self, EXCHANGE},
 };
 use crate::{config::BusConfig, events::Event};
@@ -37,6 +39,7 @@ struct Inner {
     link: Mutex<Option<Link<Channel>>>,
     app_id: String,
     confirm_timeout: Duration,
+    server: spans::Server,
 }
 
 struct ConfirmChannel;
@@ -67,6 +70,7 @@ impl Publisher {
                 link: Mutex::new(Some(link)),
                 app_id: app_id.to_owned(),
                 confirm_timeout: config.confirm_timeout,
+                server: spans::Server::of(&config.url),
             }),
         })
     }
@@ -76,15 +80,39 @@ impl Publisher {
         &self.inner.app_id
     }
 
-    /// Publishes a typed event with the given event id; `Ok` once confirmed.
+    /// Publishes a typed event with the given event id; `Ok` once confirmed. The message
+    /// carries the context of a PRODUCER span, child of the current span.
     pub async fn publish<E: Event>(&self, event: &E, event_id: &str) -> Result<(), Error> {
-        self.publish_envelope(&Envelope::of(event, event_id)).await
+        let span = spans::producer(EXCHANGE, E::ROUTING_KEY, event_id, event.order_id(), &self.inner.server);
+        let envelope = span.in_scope(|| Envelope::of(event, event_id));
+        self.send_traced(&envelope, span).await
     }
 
-    /// Publishes a prepared envelope (the outbox relay's path); `Ok` once confirmed.
+    /// Publishes a prepared envelope (the outbox relay's path); `Ok` once confirmed. The
+    /// PRODUCER span continues the trace stored in the envelope (the handler that emitted it).
     pub async fn publish_envelope(&self, envelope: &Envelope) -> Result<(), Error> {
-        self.send(EXCHANGE, &envelope.routing_key, envelope.properties(&self.inner.app_id), &envelope.body)
-            .await
+        let span = spans::producer_in(
+            &envelope.trace,
+            EXCHANGE,
+            &envelope.routing_key,
+            &envelope.event_id,
+            envelope.correlation_id.as_deref(),
+            &self.inner.server,
+        );
+        let mut envelope = envelope.clone();
+        envelope.trace = span.in_scope(TraceContext::current);
+        self.send_traced(&envelope, span).await
+    }
+
+    async fn send_traced(&self, envelope: &Envelope, span: tracing::Span) -> Result<(), Error> {
+        let sent = self
+            .send(EXCHANGE, &envelope.routing_key, envelope.properties(&self.inner.app_id), &envelope.body)
+            .instrument(span.clone())
+            .await;
+        if let Err(error) = &sent {
+            spans::fail(&span, &error.to_string());
+        }
+        sent
     }
 
     /// Publishes raw bytes with confirms and `mandatory` (retry and dead-letter moves).

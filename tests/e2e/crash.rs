@@ -1,10 +1,9 @@
 //! A service process killed with SIGKILL while it handles a stream of orders: after a
 //! restart, no effect is lost and none is applied twice.
 //!
-//! The service runs as a real process: this test binary re-runs itself with
-//! `SLUICE_CHILD_SERVICE` set, and `child_service_process` becomes that service.
+//! The service runs as a real process (see `child`).
 
-use std::{process::Stdio, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use sluice::pb::OrderStatus;
@@ -13,27 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{Backend, Options, TestApp, an_order, eventually, load::{Shared, load, until}};
 
-/// Not a test: the body of the child process (ignored, and inert without its variable).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "runs only as the child process of a_killed_service_loses_and_doubles_nothing_after_restart"]
-async fn child_service_process() {
-    let Ok(service) = std::env::var("SLUICE_CHILD_SERVICE") else { return };
-    assert_eq!(service, "inventory", "only inventory is run as a child");
-    let config = sluice_inventory::Config::from_env().expect("child configuration");
-    let consumer = sluice_inventory::start(&config).await.expect("child start");
-    consumer.run(sluice::shutdown::Shutdown::on_signals()).await.expect("child run");
-}
-
 fn spawn_inventory(app: &TestApp) -> std::process::Child {
-    let quiet = std::env::var_os("TEST_LOG").is_none();
-    std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["crash::child_service_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
-        .envs(app.service_env("inventory"))
-        .env("SLUICE_CHILD_SERVICE", "inventory")
-        .stdout(if quiet { Stdio::null() } else { Stdio::inherit() })
-        .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
-        .spawn()
-        .expect("spawning the inventory process")
+    crate::child::spawn("inventory", &app.service_env("inventory"), None)
 }
 
 async fn wait_up(app: &TestApp) {

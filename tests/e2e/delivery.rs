@@ -259,3 +259,106 @@ async fn shutdown_finishes_in_flight_handlers_and_leaves_the_rest_queued() {
     assert_eq!(rig.ready("test.flaky").await, 2, "finished work was acknowledged, unstarted work was not");
     assert_eq!(handler.calls.lock().unwrap().len(), 4, "nothing new was taken after shutdown began");
 }
+
+/// Keeps every finished span in memory.
+#[derive(Debug, Clone, Default)]
+struct Memory(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanExporter for Memory {
+    async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.lock().unwrap().extend(batch);
+        Ok(())
+    }
+}
+
+/// Runs in a process of its own (see `child`): the spans are collected by a global
+/// subscriber, which a test process shared with other tests cannot install.
+#[test]
+fn a_retried_and_a_dead_lettered_message_stay_in_the_original_trace() {
+    let mut child = crate::child::spawn("retry-trace", &[], None);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the traced scenario failed (TEST_LOG=1 shows why)");
+}
+
+/// The scenario behind `a_retried_and_a_dead_lettered_message_stay_in_the_original_trace`.
+pub async fn retried_and_dead_lettered_trace() {
+    use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let memory = Memory::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_simple_exporter(memory.clone()).build();
+    let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    sluice::telemetry::init_propagation();
+    tracing::subscriber::set_global_default(subscriber).expect("the child process's only subscriber");
+
+    let (trace_id, dead_traceparent) = {
+        let rig = Rig::new(Backend::Sqlite, |bus| {
+            bus.retry.base = Duration::from_millis(100);
+            bus.retry.max_attempts = 3;
+        })
+        .await;
+        let handler = Flaky { fail_times: 1, ..Flaky::default() };
+        let consumer = rig.start(handler.clone()).await;
+        let shutdown = Shutdown::new();
+        let running = tokio::spawn(consumer.run(shutdown.clone()));
+
+        let client = tracing::info_span!("client");
+        let trace_id = client.context().span().span_context().trace_id().to_string();
+        async {
+            rig.publish("e-1").await;
+            rig.publish("poison-1").await;
+        }
+        .instrument(client)
+        .await;
+        rig.wait_effect("e-1").await;
+
+        let connection = Connection::connect(&rig.bus.url, ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let dead = eventually(
+            || async {
+                channel
+                    .basic_get("test.flaky.dlq".into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .unwrap()
+                    .map(|m| m.delivery.properties.headers().clone().unwrap_or_default())
+            },
+            |_| true,
+            &mut None,
+        )
+        .await
+        .expect("the poison is dead-lettered");
+        connection.close(200, "done".into()).await.unwrap();
+        shutdown.trigger();
+        running.await.unwrap().unwrap();
+        (trace_id, headers::header_str(&dead, "traceparent").map(str::to_owned))
+    };
+    let _ = provider.force_flush();
+
+    let spans = memory.0.lock().unwrap();
+    let attribute = |span: &opentelemetry_sdk::trace::SpanData, key: &str| {
+        span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string())
+    };
+    let deliveries = |id: &str| -> Vec<&opentelemetry_sdk::trace::SpanData> {
+        spans
+            .iter()
+            .filter(|s| s.name == "process test.flaky" && attribute(s, "messaging.message.id").as_deref() == Some(id))
+            .collect()
+    };
+    let retried = deliveries("e-1");
+    assert_eq!(retried.len(), 2, "first delivery and one retry: {retried:#?}");
+    let poisoned = deliveries("poison-1");
+    assert_eq!(poisoned.len(), 3, "every attempt");
+    for span in retried.iter().chain(&poisoned) {
+        assert_eq!(span.span_context.trace_id().to_string(), trace_id, "{} left the original trace", span.name);
+        assert_eq!(span.span_kind, opentelemetry::trace::SpanKind::Consumer);
+    }
+    let failed = |list: &[&opentelemetry_sdk::trace::SpanData]| {
+        list.iter().filter(|s| matches!(s.status, opentelemetry::trace::Status::Error { .. })).count()
+    };
+    assert_eq!(failed(&retried), 1, "the failed attempt is marked as an error, the retry is not");
+    assert_eq!(failed(&poisoned), 3);
+    let dead_traceparent = dead_traceparent.expect("the dead letter keeps traceparent");
+    assert!(dead_traceparent.contains(&trace_id), "replaying the dead letter continues the original trace: {dead_traceparent}");
+}

@@ -7,6 +7,7 @@ mod support;
 
 mod bad_input;
 mod compose;
+mod child;
 mod crash;
 mod delivery;
 mod dlq_tool;
@@ -14,3 +15,4 @@ mod faults;
 mod placing_orders;
 mod platform;
 mod poison_messages;
+mod tracing;

@@ -1,0 +1,88 @@
+//! Runs one Sluice process (a service or the gateway) as a child process of a test: the test
+//! binary re-runs itself with `SLUICE_CHILD_SERVICE` set and `child::process` becomes that
+//! process, configured from the environment exactly like its `sluice-<name>` binary.
+
+use std::process::{Child, Command, Stdio};
+
+use sluice::config::Env;
+use sluice::shutdown::Shutdown;
+use sluice::telemetry::TelemetryConfig;
+
+/// Not a test: the body of a child process (ignored, and inert without its variable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs only as a child process of another test"]
+async fn process() {
+    let Ok(name) = std::env::var("SLUICE_CHILD_SERVICE") else { return };
+    let telemetry = TelemetryConfig::from_source(&Env, &format!("sluice-{name}")).expect("telemetry configuration");
+    let guard = if telemetry.otlp_endpoint.is_some() {
+        Some(sluice::telemetry::init(&telemetry).expect("telemetry"))
+    } else {
+        sluice::telemetry::init_propagation();
+        None
+    };
+    let shutdown = Shutdown::on_signals();
+    match name.as_str() {
+        "retry-trace" => crate::delivery::retried_and_dead_lettered_trace().await,
+        "gateway" => {
+            let config = sluice_gateway::Config::from_env().expect("gateway configuration");
+            let gateway = sluice_gateway::Gateway::bind(config).await.expect("gateway bind");
+            gateway.run(shutdown).await.expect("gateway run");
+        }
+        "inventory" => {
+            let config = sluice_inventory::Config::from_env().expect("inventory configuration");
+            let consumer = sluice_inventory::start(&config).await.expect("start");
+            sluice::ops::run_service(consumer, config.service.ops_addr, shutdown).await.expect("run");
+        }
+        "payment" => {
+            let config = sluice_payment::config_from_env().expect("payment configuration");
+            let consumer = sluice_payment::start(&config).await.expect("start");
+            sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.expect("run");
+        }
+        "notification" => {
+            let config = sluice_notification::config_from_env().expect("notification configuration");
+            let consumer = sluice_notification::start(&config).await.expect("start");
+            sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.expect("run");
+        }
+        "orders" => {
+            let config = sluice_orders::config_from_env().expect("orders configuration");
+            let consumer = sluice_orders::start(&config).await.expect("start");
+            sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.expect("run");
+        }
+        other => panic!("unknown child service {other}"),
+    }
+    // Flushes spans before the process exits.
+    drop(guard);
+}
+
+/// Spawns `name` as a child process with `env`. Its output goes to `stdout` (or nowhere,
+/// unless `TEST_LOG` is set).
+pub fn spawn(name: &str, env: &[(String, String)], stdout: Option<Stdio>) -> Child {
+    let quiet = std::env::var_os("TEST_LOG").is_none();
+    let inherit_or_null = || if quiet { Stdio::null() } else { Stdio::inherit() };
+    Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["child::process", "--exact", "--ignored", "--nocapture", "--test-threads", "1", "-q"])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("SLUICE_CHILD_SERVICE", name)
+        .stdout(stdout.unwrap_or_else(inherit_or_null))
+        .stderr(inherit_or_null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning the {name} process: {e}"))
+}
+
+/// Child processes killed when dropped, so a failing test leaves none behind.
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Asks a child to stop as SIGTERM does in production, and waits for it.
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}

@@ -1,0 +1,276 @@
+//! One order, one trace: the gateway and every service run as their own processes, each
+//! exporting spans over OTLP/gRPC to a collector in this test, and the order placed with a
+//! caller's `traceparent` appears as a single trace across all of them.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::Stdio,
+    sync::{Arc, Mutex},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::any_value::Value,
+    trace::v1::{Span, span::SpanKind},
+};
+use sluice::pb::{OrderStatus, order_service_client::OrderServiceClient};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::{
+    child,
+    support::{an_order, broker, database::{Backend, Databases}, eventually, test_catalog},
+};
+
+/// A span as received, with the `service.name` of the process that sent it.
+#[derive(Debug, Clone)]
+struct Received {
+    service: String,
+    span: Span,
+}
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Received>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Value::StringValue(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    spans.push(Received { service: service.clone(), span });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()?.value.as_ref())
+}
+
+fn string_attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
+    match attribute(span, key)? {
+        Value::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_order_is_one_trace_across_every_process() {
+    let _broker = broker::shared().await;
+    let vhost = broker::Vhost::create();
+    let mut databases = Databases::new(Backend::Sqlite);
+
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    let catalog = std::env::temp_dir().join(format!("sluice-trace-catalog-{}.json", uuid::Uuid::new_v4().simple()));
+    let items: Vec<serde_json::Value> = test_catalog()
+        .items()
+        .iter()
+        .map(|i| serde_json::json!({"sku": i.sku, "name": i.name, "price_cents": i.price_cents, "stock": i.stock}))
+        .collect();
+    std::fs::write(&catalog, serde_json::to_string(&items).unwrap()).unwrap();
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let common = |extra: Vec<(&str, String)>| -> Vec<(String, String)> {
+        let mut env = vec![
+            ("SLUICE_AMQP_URL".to_owned(), vhost.url()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), format!("http://{collector_addr}")),
+            ("SLUICE_LOG_FORMAT".to_owned(), "json".to_owned()),
+            ("RUST_LOG".to_owned(), "info".to_owned()),
+        ];
+        env.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        env
+    };
+
+    let mut children = Vec::new();
+    let mut ready_probes = Vec::new();
+    let mut inventory_logs = None;
+    for name in ["inventory", "payment", "notification", "orders"] {
+        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        ready_probes.push(ops);
+        let mut extra = vec![("DATABASE_URL", databases.url_for(name).await), ("SLUICE_OPS_ADDR", ops.to_string())];
+        if name == "inventory" {
+            extra.push(("SLUICE_CATALOG", catalog.display().to_string()));
+        }
+        let stdout = (name == "inventory").then(Stdio::piped);
+        let mut process = child::spawn(name, &common(extra), stdout);
+        if name == "inventory" {
+            inventory_logs = process.stdout.take();
+        }
+        children.push(process);
+    }
+    let inventory_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = inventory_lines.clone();
+        let stdout = inventory_logs.unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    children.push(child::spawn("gateway", &common(vec![("SLUICE_GRPC_ADDR", grpc.to_string()), ("SLUICE_OPS_ADDR", "off".into())]), None));
+    let mut children = child::Children(children);
+    // Every service consumes (its queues exist) before the first order: an event published
+    // before a subscriber's queue exists never reaches that subscriber.
+    for ops in ready_probes {
+        eventually(|| async { Some(sluice::ops::probe(ops).await) }, |ready| *ready, &mut None)
+            .await
+            .unwrap_or_else(|| panic!("the service with ops endpoint {ops} never became ready"));
+    }
+
+    // The caller's own trace: the gateway must join it.
+    let caller_trace = uuid::Uuid::new_v4().simple().to_string();
+    let caller_span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    let traceparent = format!("00-{caller_trace}-{caller_span}-01");
+    let mut last = None;
+    let client = eventually(
+        || async { OrderServiceClient::connect(format!("http://{grpc}")).await.ok() },
+        |_| true,
+        &mut last,
+    )
+    .await
+    .expect("the gateway process serves");
+    // Wait until the whole platform accepts orders, then place the traced one, once.
+    eventually(
+        || {
+            let mut client = client.clone();
+            async move { client.place_order(an_order("SKU-1", 1, "tok_visa")).await.ok() }
+        },
+        |_| true,
+        &mut None,
+    )
+    .await
+    .expect("PlaceOrder succeeds once the services are up");
+    let mut request = tonic::Request::new(an_order("SKU-1", 1, "tok_visa"));
+    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    let accepted = client.clone().place_order(request).await.expect("the traced PlaceOrder").into_inner();
+    let order = eventually(
+        || {
+            let mut client = client.clone();
+            let id = accepted.order_id.clone();
+            async move { client.get_order(sluice::pb::GetOrderRequest { order_id: id }).await.ok().map(|r| r.into_inner()) }
+        },
+        |o| o.status() == OrderStatus::Completed && o.history.len() == 4,
+        &mut None,
+    )
+    .await
+    .expect("the order completes");
+    assert_eq!(order.status(), OrderStatus::Completed);
+    drop(client);
+
+    // SIGTERM every process: each flushes its spans as it exits.
+    for process in &mut children.0 {
+        child::terminate(process);
+    }
+    let _ = reader.join();
+    server.abort();
+
+    let spans: Vec<Received> = collector
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| hex(&r.span.trace_id) == caller_trace)
+        .cloned()
+        .collect();
+    let by_id: HashMap<String, &Received> = spans.iter().map(|r| (hex(&r.span.span_id), r)).collect();
+    let services: BTreeSet<&str> = spans.iter().map(|r| r.service.as_str()).collect();
+    let expected: BTreeSet<&str> = ["sluice-gateway", "sluice-inventory", "sluice-payment", "sluice-notification", "sluice-orders"].into();
+    assert!(services.is_superset(&expected), "services in the trace: {services:?}");
+
+    // Exactly one span hangs off the caller; every other span's parent is in the trace.
+    let roots: Vec<&Received> = spans.iter().filter(|r| hex(&r.span.parent_span_id) == caller_span).collect();
+    assert_eq!(roots.len(), 1, "one server span joins the caller: {roots:#?}");
+    assert_eq!(roots[0].service, "sluice-gateway");
+    assert_eq!(roots[0].span.kind(), SpanKind::Server);
+    for r in &spans {
+        let parent = hex(&r.span.parent_span_id);
+        assert!(parent == caller_span || by_id.contains_key(&parent), "orphan span {} in {}", r.span.name, r.service);
+    }
+
+    // The causal chain, hop by hop: each consumer's parent is the producer of its message.
+    let hop = |service: &str, queue: &str, producer_service: &str, routing_key: &str| {
+        let consumer = spans
+            .iter()
+            .find(|r| r.service == service && r.span.name == format!("process {queue}"))
+            .unwrap_or_else(|| panic!("no consumer span for {queue}"));
+        assert_eq!(consumer.span.kind(), SpanKind::Consumer);
+        for key in ["messaging.system", "messaging.destination.name", "messaging.rabbitmq.destination.routing_key", "messaging.message.id", "messaging.operation.type", "server.address"] {
+            assert!(attribute(&consumer.span, key).is_some(), "{key} missing on {}", consumer.span.name);
+        }
+        assert_eq!(string_attribute(&consumer.span, "messaging.system"), Some("rabbitmq"));
+        assert_eq!(string_attribute(&consumer.span, "order_id"), Some(accepted.order_id.as_str()));
+        let producer = by_id[&hex(&consumer.span.parent_span_id)];
+        assert_eq!(producer.service, producer_service, "{queue} is fed by {producer_service}");
+        assert_eq!(producer.span.kind(), SpanKind::Producer);
+        assert_eq!(producer.span.name, format!("send sluice.events:{routing_key}"));
+        assert_eq!(string_attribute(&producer.span, "messaging.rabbitmq.destination.routing_key"), Some(routing_key));
+    };
+    hop("sluice-inventory", "inventory.reserve-stock", "sluice-gateway", "order.created");
+    hop("sluice-payment", "payment.capture-payment", "sluice-inventory", "inventory.reserved");
+    hop("sluice-notification", "notification.notify-confirmation", "sluice-payment", "payment.captured");
+    hop("sluice-orders", "orders.track-notification-sent", "sluice-notification", "notification.sent");
+    hop("sluice-orders", "orders.track-order-created", "sluice-gateway", "order.created");
+
+    // Logs of a handled delivery carry the trace id of its span.
+    let lines = inventory_lines.lock().unwrap();
+    let reserved = lines.iter().find(|l| l.contains("stock reserved") && l.contains(&accepted.order_id)).expect("inventory logged the reservation");
+    assert!(reserved.contains(&caller_trace), "the log line carries the trace id: {reserved}");
+
+    // The tree, for the record.
+    fn print(tree: &HashMap<String, Vec<&Received>>, id: &str, depth: usize) {
+        for child in tree.get(id).map(Vec::as_slice).unwrap_or_default() {
+            println!("{}{} [{}]", "  ".repeat(depth), child.span.name, child.service);
+            print(tree, &hex(&child.span.span_id), depth + 1);
+        }
+    }
+    let mut tree: HashMap<String, Vec<&Received>> = HashMap::new();
+    for r in &spans {
+        tree.entry(hex(&r.span.parent_span_id)).or_default().push(r);
+    }
+    for children in tree.values_mut() {
+        children.sort_by_key(|r| r.span.start_time_unix_nano);
+    }
+    println!("trace {caller_trace}: {} spans", spans.len());
+    print(&tree, caller_span, 1);
+    let _ = std::fs::remove_file(&catalog);
+}
