@@ -8,6 +8,7 @@
 mod catalog;
 mod config;
 mod error;
+mod events;
 mod orders;
 mod validation;
 
@@ -15,16 +16,20 @@ use std::net::SocketAddr;
 
 pub use config::Config;
 pub use error::GatewayError;
+pub use events::Events;
 pub use orders::Orders;
 
 use sluice::bus::{Publisher, RpcClient};
-use sluice::pb::{FILE_DESCRIPTOR_SET, order_service_server::OrderServiceServer};
+use sluice::pb::{FILE_DESCRIPTOR_SET, event_gateway_server::EventGatewayServer, order_service_server::OrderServiceServer};
 use sluice::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing_opentelemetry_ext::trace_span;
+
+/// Largest request message the gateway decodes; larger ones are refused before any work.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// `app_id` of everything the gateway publishes.
 pub const APP_ID: &str = "gateway";
@@ -76,6 +81,7 @@ impl Gateway {
     pub async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout);
+        let events = Events::new(self.publisher.clone(), self.config.bus.clone());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -98,6 +104,7 @@ impl Gateway {
                     let status = if *ready.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
                     health.set_service_status("", status).await;
                     health.set_service_status("sluice.v1.OrderService", status).await;
+                    health.set_service_status("sluice.v1.EventGateway", status).await;
                     tokio::select! {
                         _ = shutdown.cancelled() => {
                             health.set_service_status("", ServingStatus::NotServing).await;
@@ -131,7 +138,8 @@ impl Gateway {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(OrderServiceServer::new(orders))
+            .add_service(OrderServiceServer::new(orders).max_decoding_message_size(MAX_MESSAGE_BYTES))
+            .add_service(EventGatewayServer::new(events).max_decoding_message_size(MAX_MESSAGE_BYTES))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown.cancelled())
             .await;
         let _ = health_task.await;

@@ -1,11 +1,15 @@
 //! `sluice.v1.OrderService`: PlaceOrder turns a command into a confirmed `order.created`;
 //! GetOrder asks the orders service (request/reply) for its read model.
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use sluice::bus::{Error as BusError, Publisher, RpcClient};
 use sluice::events::OrderCreated;
-use sluice::pb::{GetOrderRequest, Order, PlaceOrderRequest, PlaceOrderResponse, order_service_server::OrderService};
+use sluice::pb::{GetOrderRequest, Order, OrderStatus, PlaceOrderRequest, PlaceOrderResponse, order_service_server::OrderService};
 use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
 use uuid::Uuid;
@@ -25,6 +29,21 @@ pub struct Orders {
 }
 
 impl Orders {
+    /// One order from the read model.
+    async fn fetch(&self, order_id: &str, budget: Duration, caller_limited: bool) -> Result<Order, GatewayError> {
+        if order_id.trim().is_empty() || order_id.len() > validation::MAX_ID_LEN {
+            let violation = FieldViolation::new("order_id", format!("must be 1 to {} bytes", validation::MAX_ID_LEN));
+            return Err(GatewayError::InvalidArgument(vec![violation]));
+        }
+        let request = GetOrderRequest { order_id: order_id.to_owned() };
+        let reply = self
+            .rpc
+            .call(&request, budget)
+            .await
+            .map_err(|e| map_wait_error(e, caller_limited, "the orders service"))?;
+        reply.order.ok_or_else(|| GatewayError::NotFound(format!("order {order_id}")))
+    }
+
     /// Publishes through `publisher` and asks other services through `rpc`, waiting at most
     /// `query_timeout` for them.
     pub fn new(publisher: Publisher, rpc: RpcClient, query_timeout: Duration) -> Self {
@@ -67,6 +86,13 @@ fn order_ids(request: &PlaceOrderRequest) -> (String, String) {
     let order_id = Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("order\u{0}{seed}").as_bytes());
     let event_id = Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("event\u{0}{seed}").as_bytes());
     (order_id.to_string(), event_id.to_string())
+}
+
+/// How often WatchOrder asks the read model for changes.
+const WATCH_POLL: Duration = Duration::from_millis(100);
+
+fn is_terminal(status: OrderStatus) -> bool {
+    matches!(status, OrderStatus::Completed | OrderStatus::Rejected | OrderStatus::Declined)
 }
 
 fn map_wait_error(error: BusError, caller_limited: bool, what: &'static str) -> GatewayError {
@@ -121,20 +147,45 @@ impl OrderService for Orders {
         let (budget, caller_limited) = self.wait_budget(&request);
         let request = request.into_inner();
         tracing::Span::current().record("order_id", request.order_id.as_str());
-        if request.order_id.trim().is_empty() || request.order_id.len() > validation::MAX_ID_LEN {
-            let violation = FieldViolation::new("order_id", format!("must be 1 to {} bytes", validation::MAX_ID_LEN));
-            return Err(GatewayError::InvalidArgument(vec![violation]).into());
-        }
-        let order_id = request.order_id.clone();
-        let reply = self
-            .rpc
-            .call(&request, budget)
-            .await
-            .map_err(|e| map_wait_error(e, caller_limited, "the orders service"))?;
-        match reply.order {
-            Some(order) => Ok(Response::new(order)),
-            None => Err(GatewayError::NotFound(format!("order {order_id}")).into()),
-        }
+        Ok(Response::new(self.fetch(&request.order_id, budget, caller_limited).await?))
+    }
+
+    type WatchOrderStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
+
+    #[tracing::instrument(name = "WatchOrder", skip_all, fields(order_id))]
+    async fn watch_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let order_id = request.into_inner().order_id;
+        tracing::Span::current().record("order_id", order_id.as_str());
+        // An unknown order is NOT_FOUND at once, not an empty stream.
+        let first = self.fetch(&order_id, self.query_timeout, false).await?;
+        let (tx, rx) = mpsc::channel(8);
+        let orders = self.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            while !is_terminal(last.status()) {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                }
+                match orders.fetch(&order_id, orders.query_timeout, false).await {
+                    Ok(order) if order != last => {
+                        last = order;
+                        if tx.send(Ok(last.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

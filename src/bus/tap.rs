@@ -3,6 +3,10 @@
 //! Backed by a server-named, exclusive, auto-delete queue: it exists only while the tap's
 //! connection does, so a tap never leaves garbage on the broker. Used by operators' tools,
 //! the gateway's event stream and tests.
+//!
+//! Memory stays bounded however slowly the reader reads: deliveries are acknowledged only as
+//! the reader takes them (so at most `PREFETCH` wait in this process), and the queue itself
+//! keeps at most `MAX_BACKLOG` messages, dropping the oldest past that.
 
 use std::collections::BTreeMap;
 
@@ -10,9 +14,14 @@ use futures_util::StreamExt;
 use lapin::{
     Connection, ConnectionProperties,
     message::Delivery,
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
 };
+
+/// Deliveries buffered in this process before the reader takes them.
+const PREFETCH: u16 = 256;
+/// Messages the broker keeps for a slow tap before dropping the oldest.
+const MAX_BACKLOG: i64 = 10_000;
 
 use super::{Error, headers, topology};
 use crate::{config::BusConfig, events::Event};
@@ -61,8 +70,12 @@ impl Tap {
         let connection = Connection::connect(&config.url, ConnectionProperties::default().with_connection_name("sluice.tap".into())).await?;
         let channel = connection.create_channel().await?;
         topology::declare_exchange(&channel).await?;
+        channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_BACKLOG));
+        arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
         let queue = channel
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, arguments)
             .await?;
         for pattern in patterns {
             channel
@@ -70,7 +83,7 @@ impl Tap {
                 .await?;
         }
         let stream = channel
-            .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { exclusive: true, ..Default::default() }, FieldTable::default())
             .await?;
         Ok(Self { connection, stream })
     }
@@ -78,7 +91,11 @@ impl Tap {
     /// The next event, or `None` once the connection is gone.
     pub async fn next(&mut self) -> Option<Tapped> {
         match self.stream.next().await? {
-            Ok(delivery) => Some(tapped(delivery)),
+            Ok(delivery) => {
+                // Taken by the reader: make room for the next one.
+                delivery.acker.ack(BasicAckOptions::default()).await.ok()?;
+                Some(tapped(delivery))
+            }
             Err(_) => None,
         }
     }

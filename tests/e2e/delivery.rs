@@ -10,7 +10,7 @@ use std::{
 
 use lapin::{
     Connection, ConnectionProperties,
-    options::{BasicGetOptions, QueueDeclareOptions},
+    options::QueueDeclareOptions,
     types::FieldTable,
 };
 use sluice::bus::{Consumer, Context, Handler, HandlerError, Publisher, headers};
@@ -21,7 +21,7 @@ use sluice::store::{Migration, Store};
 use sqlx::Row;
 use tokio::sync::Semaphore;
 
-use crate::support::{broker, database::{Backend, Databases}, eventually};
+use crate::support::{broker, database::{Backend, Databases}, eventually, take_next};
 
 const EFFECTS: &[Migration] = &[Migration {
     version: 100,
@@ -71,6 +71,20 @@ impl Handler<OrderCreated> for Flaky {
     }
 }
 
+/// A consumer running in the background.
+struct Running {
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), sluice::bus::Error>>,
+}
+
+impl Running {
+    /// Shuts the consumer down and waits for it.
+    async fn stop(self) {
+        self.shutdown.trigger();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 struct Rig {
     bus: BusConfig,
     store: Store,
@@ -94,6 +108,14 @@ impl Rig {
 
     async fn start(&self, handler: Flaky) -> Consumer {
         Consumer::builder("test", &self.bus, &self.store).on(handler).start().await.unwrap()
+    }
+
+    /// Starts a consumer with `handler` and runs it until the returned value is stopped.
+    async fn run(&self, handler: Flaky) -> Running {
+        let consumer = self.start(handler).await;
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(consumer.run(shutdown.clone()));
+        Running { shutdown, task }
     }
 
     async fn publish(&self, event_id: &str) {
@@ -139,9 +161,7 @@ async fn a_transient_failure_is_retried_after_a_backoff_and_applied_once() {
     })
     .await;
     let handler = Flaky { fail_times: 2, ..Flaky::default() };
-    let consumer = rig.start(handler.clone()).await;
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let running = rig.run(handler.clone()).await;
 
     rig.publish("e-1").await;
     rig.wait_effect("e-1").await;
@@ -154,8 +174,7 @@ async fn a_transient_failure_is_retried_after_a_backoff_and_applied_once() {
     assert!(gaps[1] >= Duration::from_millis(400), "second retry after base × factor: {gaps:?}");
     assert_eq!(rig.effects("e-1").await, 1);
     println!("retries: attempts {attempts:?}, delays {gaps:?}");
-    shutdown.trigger();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,9 +185,7 @@ async fn a_message_that_always_fails_is_dead_lettered_without_holding_up_others(
     })
     .await;
     let handler = Flaky::default();
-    let consumer = rig.start(handler.clone()).await;
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let running = rig.run(handler.clone()).await;
 
     rig.publish("poison-1").await;
     for i in 0..5 {
@@ -182,20 +199,8 @@ async fn a_message_that_always_fails_is_dead_lettered_without_holding_up_others(
 
     let connection = Connection::connect(&rig.bus.url, ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let mut last = None;
-    let dead = eventually(
-        || async {
-            channel
-                .basic_get("test.flaky.dlq".into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-                .map(|m| (m.delivery.properties.message_id().clone(), m.delivery.properties.headers().clone().unwrap_or_default()))
-        },
-        |_| true,
-        &mut last,
-    )
-    .await
-    .expect("the poison in test.flaky.dlq");
+    let dead = take_next(&channel, "test.flaky.dlq").await;
+    let dead = (dead.properties.message_id().clone(), dead.properties.headers().clone().unwrap_or_default());
     assert_eq!(dead.0.as_ref().map(|s| s.as_str()), Some("poison-1"), "the message id is kept");
     let h = &dead.1;
     assert_eq!(headers::header_str(h, headers::DEAD_LETTER_REASON), Some("retries-exhausted"));
@@ -206,17 +211,14 @@ async fn a_message_that_always_fails_is_dead_lettered_without_holding_up_others(
     assert_eq!(handler.calls.lock().unwrap()["poison-1"].len(), 3, "exactly max_attempts deliveries");
     assert_eq!(rig.effects("poison-1").await, 0);
     connection.close(200, "done".into()).await.unwrap();
-    shutdown.trigger();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_delivery_has_no_second_effect() {
     let rig = Rig::new(Backend::Sqlite, |bus| bus.prefetch = 1).await;
     let handler = Flaky::default();
-    let consumer = rig.start(handler.clone()).await;
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let running = rig.run(handler.clone()).await;
 
     // Same message id twice (a producer retry, a redelivery), then a marker behind them.
     rig.publish("dup-1").await;
@@ -227,8 +229,7 @@ async fn a_duplicate_delivery_has_no_second_effect() {
     assert_eq!(rig.effects("dup-1").await, 1, "one effect");
     assert_eq!(handler.calls.lock().unwrap()["dup-1"].len(), 1, "the duplicate never reached the handler");
     assert_eq!(rig.ready("test.flaky").await, 0, "the duplicate was acknowledged");
-    shutdown.trigger();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,9 +238,7 @@ async fn shutdown_finishes_in_flight_handlers_and_leaves_the_rest_queued() {
     let rig = Rig::new(Backend::Postgres, |bus| bus.prefetch = 4).await;
     let gate = Arc::new(Semaphore::new(0));
     let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
-    let consumer = rig.start(handler.clone()).await;
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let running = rig.run(handler.clone()).await;
 
     for i in 0..6 {
         rig.publish(&format!("e-{i}")).await;
@@ -250,9 +249,9 @@ async fn shutdown_finishes_in_flight_handlers_and_leaves_the_rest_queued() {
         .await
         .expect("four deliveries in flight");
 
-    shutdown.trigger();
+    running.shutdown.trigger();
     gate.add_permits(4);
-    running.await.unwrap().unwrap();
+    running.stop().await;
 
     let done: i64 = sqlx::query("SELECT COUNT(*) AS n FROM effects").fetch_one(rig.store.pool()).await.unwrap().try_get("n").unwrap();
     assert_eq!(done, 4, "every in-flight handler finished and committed");
@@ -300,9 +299,7 @@ pub async fn retried_and_dead_lettered_trace() {
         })
         .await;
         let handler = Flaky { fail_times: 1, ..Flaky::default() };
-        let consumer = rig.start(handler.clone()).await;
-        let shutdown = Shutdown::new();
-        let running = tokio::spawn(consumer.run(shutdown.clone()));
+        let running = rig.run(handler.clone()).await;
 
         let client = tracing::info_span!("client");
         let trace_id = client.context().span().span_context().trace_id().to_string();
@@ -316,22 +313,9 @@ pub async fn retried_and_dead_lettered_trace() {
 
         let connection = Connection::connect(&rig.bus.url, ConnectionProperties::default()).await.unwrap();
         let channel = connection.create_channel().await.unwrap();
-        let dead = eventually(
-            || async {
-                channel
-                    .basic_get("test.flaky.dlq".into(), BasicGetOptions { no_ack: true })
-                    .await
-                    .unwrap()
-                    .map(|m| m.delivery.properties.headers().clone().unwrap_or_default())
-            },
-            |_| true,
-            &mut None,
-        )
-        .await
-        .expect("the poison is dead-lettered");
+        let dead = take_next(&channel, "test.flaky.dlq").await.properties.headers().clone().unwrap_or_default();
         connection.close(200, "done".into()).await.unwrap();
-        shutdown.trigger();
-        running.await.unwrap().unwrap();
+        running.stop().await;
         (trace_id, headers::header_str(&dead, "traceparent").map(str::to_owned))
     };
     let _ = provider.force_flush();

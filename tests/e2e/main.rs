@@ -10,6 +10,7 @@ mod compose;
 mod child;
 mod crash;
 mod delivery;
+mod event_gateway;
 mod dlq_tool;
 mod faults;
 mod placing_orders;

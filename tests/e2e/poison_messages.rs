@@ -3,28 +3,15 @@
 
 use lapin::{
     BasicProperties, Connection, ConnectionProperties,
-    options::{BasicGetOptions, BasicPublishOptions},
+    options::BasicPublishOptions,
 };
 use sluice::bus::headers::{self, header_str};
 use sluice::pb::OrderStatus;
 
-use crate::support::{Backend, TestApp, an_order, eventually};
+use crate::support::{Backend, TestApp, an_order, take_next};
 
 async fn next_dead_letter(channel: &lapin::Channel) -> lapin::types::FieldTable {
-    let mut last = None;
-    let found = eventually(
-        || async {
-            channel
-                .basic_get("inventory.reserve-stock.dlq".into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-                .map(|m| m.delivery.properties.headers().clone().unwrap_or_default())
-        },
-        |_| true,
-        &mut last,
-    )
-    .await;
-    found.expect("a dead letter in inventory.reserve-stock.dlq")
+    take_next(channel, "inventory.reserve-stock.dlq").await.properties.headers().clone().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -308,6 +308,24 @@ where
     None
 }
 
+/// Takes the next message from `queue`, waiting up to [`DEADLINE`] for one to arrive.
+pub async fn take_next(channel: &lapin::Channel, queue: &str) -> lapin::message::Delivery {
+    let mut last = None;
+    let found = eventually(
+        || async {
+            channel
+                .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get")
+                .map(|m| m.delivery)
+        },
+        |_| true,
+        &mut last,
+    )
+    .await;
+    found.unwrap_or_else(|| panic!("no message in {queue}"))
+}
+
 /// Generates one test per backend from `async fn name(backend: Backend)`.
 #[macro_export]
 macro_rules! on_both_backends {

@@ -1,0 +1,247 @@
+//! `sluice.v1.EventGateway`: publish any registered event (one, or a pipelined stream), and
+//! stream live events to subscribers.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use futures_util::{Stream, StreamExt};
+use sluice::bus::{Envelope, Publisher, Tap, TraceContext, headers};
+use sluice::config::BusConfig;
+use sluice::events::{PayloadError, check_payload};
+use sluice::pb::{
+    EventEnvelope, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse, SubscribeRequest,
+    event_gateway_server::EventGateway,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tonic_types::FieldViolation;
+use uuid::Uuid;
+
+use crate::{error::GatewayError, validation::MAX_ID_LEN};
+
+/// Publishes in flight per PublishStream before the gateway stops reading from it.
+pub const STREAM_WINDOW: usize = 256;
+/// Events buffered for a subscriber; one that falls further behind is told so and dropped.
+pub const SUBSCRIBER_BUFFER: usize = 256;
+/// Most routing patterns per subscription.
+const MAX_PATTERNS: usize = 16;
+
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x7c1e_93b2_4d5a_4e8f_b6a0_1f2e_3d4c_5b6a);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The generic event API.
+#[derive(Clone)]
+pub struct Events {
+    publisher: Publisher,
+    bus: BusConfig,
+}
+
+impl Events {
+    /// Publishes through `publisher`; subscriptions open taps on `bus`.
+    pub fn new(publisher: Publisher, bus: BusConfig) -> Self {
+        Self { publisher, bus }
+    }
+
+    /// Validates and publishes one event; `Ok` once confirmed.
+    async fn publish_one(&self, request: PublishRequest) -> Result<PublishResponse, GatewayError> {
+        let Some(event) = request.event else {
+            return Err(GatewayError::InvalidArgument(vec![FieldViolation::new("event", "must be set")]));
+        };
+        if request.idempotency_key.len() > MAX_ID_LEN {
+            let violation = FieldViolation::new("idempotency_key", format!("must be at most {MAX_ID_LEN} bytes"));
+            return Err(GatewayError::InvalidArgument(vec![violation]));
+        }
+        let type_name = event.type_url.rsplit('/').next().unwrap_or_default().to_owned();
+        let routing_key = check_payload(&type_name, &event.value).map_err(|error| {
+            let field = match &error {
+                PayloadError::UnknownType(_) => "event.type_url".to_owned(),
+                PayloadError::Undecodable { .. } => "event.value".to_owned(),
+                PayloadError::MissingField(name) => format!("event.value.{name}"),
+            };
+            GatewayError::InvalidArgument(vec![FieldViolation::new(field, error.to_string())])
+        })?;
+        let event_id = if request.idempotency_key.is_empty() {
+            Uuid::new_v4()
+        } else {
+            Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{type_name}\u{0}{}", request.idempotency_key).as_bytes())
+        }
+        .to_string();
+        let correlation_id = correlation_id(&type_name, &event.value);
+        let envelope = Envelope {
+            event_id: event_id.clone(),
+            routing_key: routing_key.to_owned(),
+            type_name,
+            correlation_id,
+            occurred_at: headers::now(),
+            trace: TraceContext::current(),
+            body: event.value,
+        };
+        self.publisher.publish_envelope(&envelope).await?;
+        Ok(PublishResponse { event_id, routing_key: routing_key.to_owned() })
+    }
+}
+
+/// The `order_id` of a checked payload, for `correlation_id`.
+fn correlation_id(type_name: &str, body: &[u8]) -> Option<String> {
+    use prost::Message as _;
+    // Every registered event keeps its order id in field 1 when it has one; decode just that.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct OrderRef {
+        #[prost(string, tag = "1")]
+        order_id: String,
+    }
+    sluice::events::routing_key_of(type_name)?;
+    OrderRef::decode(body).ok().map(|r| r.order_id).filter(|id| !id.is_empty())
+}
+
+/// A routing pattern: dotted words of `[a-z0-9-]`, `*` or `#`.
+fn valid_pattern(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.len() <= 255
+        && pattern.split('.').all(|word| {
+            word == "*" || word == "#" || (!word.is_empty() && word.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+        })
+}
+
+fn envelope_of(tapped: sluice::bus::Tapped) -> EventEnvelope {
+    let time = tapped.headers.get("cloudEvents_time").and_then(|t| t.parse().ok());
+    let trace_id = tapped.traceparent.as_deref().and_then(|tp| tp.split('-').nth(1)).unwrap_or_default().to_owned();
+    EventEnvelope {
+        payload: Some(prost_types::Any { type_url: format!("type.googleapis.com/{}", tapped.type_name), value: tapped.body }),
+        r#type: tapped.type_name,
+        routing_key: tapped.routing_key,
+        event_id: tapped.event_id,
+        time,
+        trace_id,
+        correlation_id: tapped.correlation_id.unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl EventGateway for Events {
+    #[tracing::instrument(name = "Publish", skip_all)]
+    async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+        Ok(Response::new(self.publish_one(request.into_inner()).await?))
+    }
+
+    type PublishStreamStream = BoxStream<PublishStreamResponse>;
+
+    #[tracing::instrument(name = "PublishStream", skip_all)]
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_WINDOW);
+        let window = Arc::new(Semaphore::new(STREAM_WINDOW));
+        let events = self.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(item)) = inbound.next().await {
+                // Backpressure: with the window full, stop reading until an ack frees a slot.
+                let Ok(permit) = window.clone().acquire_owned().await else { break };
+                let (events, tx) = (events.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let sequence = item.sequence;
+                    let response = match item.publish {
+                        None => PublishStreamResponse {
+                            sequence,
+                            error_code: tonic::Code::InvalidArgument as i32,
+                            error_message: "publish must be set".into(),
+                            ..Default::default()
+                        },
+                        Some(publish) => match events.publish_one(publish).await {
+                            Ok(done) => PublishStreamResponse { sequence, event_id: done.event_id, ..Default::default() },
+                            Err(error) => {
+                                let status = Status::from(error);
+                                PublishStreamResponse {
+                                    sequence,
+                                    error_code: status.code() as i32,
+                                    error_message: status.message().to_owned(),
+                                    ..Default::default()
+                                }
+                            }
+                        },
+                    };
+                    let _ = tx.send(Ok(response)).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = BoxStream<EventEnvelope>;
+
+    #[tracing::instrument(name = "Subscribe", skip_all)]
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let patterns = request.into_inner().patterns;
+        let mut violations = Vec::new();
+        if patterns.is_empty() || patterns.len() > MAX_PATTERNS {
+            violations.push(FieldViolation::new("patterns", format!("1 to {MAX_PATTERNS} patterns")));
+        }
+        for (i, pattern) in patterns.iter().enumerate() {
+            if !valid_pattern(pattern) {
+                violations.push(FieldViolation::new(format!("patterns[{i}]"), "dotted words of [a-z0-9-], `*` or `#`"));
+            }
+        }
+        if !violations.is_empty() {
+            return Err(GatewayError::InvalidArgument(violations).into());
+        }
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let mut tap = Tap::open(&self.bus, &patterns).await.map_err(GatewayError::from)?;
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let flag = lagged.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = tx.closed() => break,
+                    next = tap.next() => next,
+                };
+                let Some(event) = next else {
+                    let _ = tx.send(Err(Status::unavailable("the broker connection was lost"))).await;
+                    break;
+                };
+                if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Ok(envelope_of(event))) {
+                    // Too slow: drop the subscription; the client reads what is buffered, then
+                    // learns it lagged.
+                    flag.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+            // The stream ends now, whatever closing the tap costs; closing its connection
+            // removes its queue.
+            drop(tx);
+            tap.close().await;
+        });
+        let told = futures_util::stream::once(async move {
+            lagged.load(Ordering::SeqCst).then(|| {
+                Err(Status::resource_exhausted(format!("subscriber fell more than {SUBSCRIBER_BUFFER} events behind and was dropped")))
+            })
+        })
+        .filter_map(std::future::ready);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).chain(told))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_are_topic_patterns() {
+        for good in ["order.*", "#", "order.created", "payment.#", "a-b.c1"] {
+            assert!(valid_pattern(good), "{good}");
+        }
+        for bad in ["", "Order.*", "order..x", "order.cr*", &"a".repeat(300)] {
+            assert!(!valid_pattern(bad), "{bad}");
+        }
+    }
+}
