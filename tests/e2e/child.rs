@@ -55,8 +55,9 @@ async fn process() {
 }
 
 /// Spawns `name` as a child process with `env`. Its output goes to `stdout` (or nowhere,
-/// unless `TEST_LOG` is set).
-pub fn spawn(name: &str, env: &[(String, String)], stdout: Option<Stdio>) -> Child {
+/// unless `TEST_LOG` is set). The process is killed when the returned value is dropped, so a
+/// failing test leaves none behind.
+pub fn spawn(name: &str, env: &[(String, String)], stdout: Option<Stdio>) -> Process {
     let quiet = std::env::var_os("TEST_LOG").is_none();
     let inherit_or_null = || if quiet { Stdio::null() } else { Stdio::inherit() };
     Command::new(std::env::current_exe().expect("the test binary"))
@@ -66,23 +67,22 @@ pub fn spawn(name: &str, env: &[(String, String)], stdout: Option<Stdio>) -> Chi
         .stdout(stdout.unwrap_or_else(inherit_or_null))
         .stderr(inherit_or_null())
         .spawn()
+        .map(Process)
         .unwrap_or_else(|e| panic!("spawning the {name} process: {e}"))
 }
 
-/// Child processes killed when dropped, so a failing test leaves none behind.
-pub struct Children(pub Vec<Child>);
+/// A child process, killed (SIGKILL) when dropped.
+pub struct Process(pub Child);
 
-impl Drop for Children {
+impl Drop for Process {
     fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
 /// Asks a child to stop as SIGTERM does in production, and waits for it.
-pub fn terminate(child: &mut Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
+pub fn terminate(child: &mut Process) {
+    let _ = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    let _ = child.0.wait();
 }

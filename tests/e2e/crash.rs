@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{Backend, Options, TestApp, an_order, eventually, load::{Shared, load, until}};
 
-fn spawn_inventory(app: &TestApp) -> std::process::Child {
+fn spawn_inventory(app: &TestApp) -> crate::child::Process {
     crate::child::spawn("inventory", &app.service_env("inventory"), None)
 }
 
@@ -42,8 +42,8 @@ async fn a_killed_service_loses_and_doubles_nothing_after_restart() {
     let stop = CancellationToken::new();
     let driver = async {
         until(&tally, "orders before the kill", |t| t.accepted.len() >= 20).await;
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reaping the killed process");
+        child.0.kill().expect("SIGKILL");
+        child.0.wait().expect("reaping the killed process");
         let accepted: Vec<String> = tally.lock().unwrap().accepted.clone();
         let at_kill = accepted.len();
         // Inventory is dead, so this is exactly what it left unfinished.
@@ -56,7 +56,7 @@ async fn a_killed_service_loses_and_doubles_nothing_after_restart() {
         stop.cancel();
         (restarted, at_kill, unreserved)
     };
-    let ((), (mut child, at_kill, unreserved)) = tokio::join!(load(&app, 4, an_order("SKU-2", 2, "tok_visa"), tally.clone(), stop.clone()), driver);
+    let ((), (child, at_kill, unreserved)) = tokio::join!(load(&app, 4, an_order("SKU-2", 2, "tok_visa"), tally.clone(), stop.clone()), driver);
     let tally = Arc::try_unwrap(tally).unwrap().into_inner().unwrap();
     assert!(tally.failed.is_empty(), "the gateway never needed inventory to accept orders: {:?}", tally.failed);
     let all = tally.accepted.clone();
@@ -75,7 +75,6 @@ async fn a_killed_service_loses_and_doubles_nothing_after_restart() {
         before.available,
         after.available
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     app.stop().await;
 }

@@ -275,7 +275,7 @@ impl opentelemetry_sdk::trace::SpanExporter for Memory {
 #[test]
 fn a_retried_and_a_dead_lettered_message_stay_in_the_original_trace() {
     let mut child = crate::child::spawn("retry-trace", &[], None);
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "the traced scenario failed (TEST_LOG=1 shows why)");
 }
 

@@ -133,7 +133,7 @@ async fn one_order_is_one_trace_across_every_process() {
         let stdout = (name == "inventory").then(Stdio::piped);
         let mut process = child::spawn(name, &common(extra), stdout);
         if name == "inventory" {
-            inventory_logs = process.stdout.take();
+            inventory_logs = process.0.stdout.take();
         }
         children.push(process);
     }
@@ -148,7 +148,6 @@ async fn one_order_is_one_trace_across_every_process() {
         })
     };
     children.push(child::spawn("gateway", &common(vec![("SLUICE_GRPC_ADDR", grpc.to_string()), ("SLUICE_OPS_ADDR", "off".into())]), None));
-    let mut children = child::Children(children);
     // Every service consumes (its queues exist) before the first order: an event published
     // before a subscriber's queue exists never reaches that subscriber.
     for ops in ready_probes {
@@ -198,7 +197,7 @@ async fn one_order_is_one_trace_across_every_process() {
     drop(client);
 
     // SIGTERM every process: each flushes its spans as it exits.
-    for process in &mut children.0 {
+    for process in &mut children {
         child::terminate(process);
     }
     let _ = reader.join();
