@@ -19,6 +19,7 @@ use sluice::pb::{
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_types::FieldViolation;
 use uuid::Uuid;
@@ -41,12 +42,15 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct Events {
     publisher: Publisher,
     bus: BusConfig,
+    /// Ends live subscriptions at shutdown: they never end by themselves, and the server's
+    /// graceful shutdown waits for every open stream.
+    shutdown: CancellationToken,
 }
 
 impl Events {
-    /// Publishes through `publisher`; subscriptions open taps on `bus`.
-    pub fn new(publisher: Publisher, bus: BusConfig) -> Self {
-        Self { publisher, bus }
+    /// Publishes through `publisher`; subscriptions open taps on `bus` and end with `shutdown`.
+    pub fn new(publisher: Publisher, bus: BusConfig, shutdown: CancellationToken) -> Self {
+        Self { publisher, bus, shutdown }
     }
 
     /// Validates and publishes one event; `Ok` once confirmed.
@@ -199,10 +203,15 @@ impl EventGateway for Events {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let lagged = Arc::new(AtomicBool::new(false));
         let flag = lagged.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
                     _ = tx.closed() => break,
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.try_send(Err(Status::unavailable("the gateway is shutting down")));
+                        break;
+                    }
                     next = tap.next() => next,
                 };
                 let Some(event) = next else {

@@ -80,8 +80,8 @@ impl Gateway {
     /// Serves until `shutdown`, then lets in-flight calls finish and closes the connections.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout);
-        let events = Events::new(self.publisher.clone(), self.config.bus.clone());
+        let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout, shutdown.token());
+        let events = Events::new(self.publisher.clone(), self.config.bus.clone(), shutdown.token());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

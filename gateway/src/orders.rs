@@ -6,6 +6,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use sluice::bus::{Error as BusError, Publisher, RpcClient};
 use sluice::events::OrderCreated;
@@ -26,6 +27,8 @@ pub struct Orders {
     rpc: RpcClient,
     skus: Arc<KnownSkus>,
     query_timeout: Duration,
+    /// Ends WatchOrder streams at shutdown (graceful shutdown waits for open streams).
+    shutdown: CancellationToken,
 }
 
 impl Orders {
@@ -46,8 +49,8 @@ impl Orders {
 
     /// Publishes through `publisher` and asks other services through `rpc`, waiting at most
     /// `query_timeout` for them.
-    pub fn new(publisher: Publisher, rpc: RpcClient, query_timeout: Duration) -> Self {
-        Self { publisher, rpc, skus: Arc::default(), query_timeout }
+    pub fn new(publisher: Publisher, rpc: RpcClient, query_timeout: Duration, shutdown: CancellationToken) -> Self {
+        Self { publisher, rpc, skus: Arc::default(), query_timeout, shutdown }
     }
 
     /// How long a call may wait on another service: our own limit, or the caller's deadline
@@ -168,6 +171,10 @@ impl OrderService for Orders {
             while !is_terminal(last.status()) {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = orders.shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the gateway is shutting down"))).await;
+                        return;
+                    }
                     _ = tokio::time::sleep(WATCH_POLL) => {}
                 }
                 match orders.fetch(&order_id, orders.query_timeout, false).await {

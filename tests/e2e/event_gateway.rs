@@ -203,7 +203,11 @@ async fn subscribers_see_live_events_matching_their_patterns_and_leave_no_queue(
     .await
     .expect("the subscription queue was removed");
     let _ = connection.close(200, "done".into()).await;
-    app.stop().await;
+    // A subscription still open does not hold up shutdown: it ends, with UNAVAILABLE.
+    let mut open = app.client.clone().subscribe(SubscribeRequest { patterns: vec!["#".into()] }).await.unwrap().into_inner();
+    tokio::time::timeout(Duration::from_secs(10), app.stop()).await.expect("shutdown with a subscriber open");
+    let ended = open.next().await.expect("a final status").expect_err("the stream ends with an error");
+    assert_eq!(ended.code(), Code::Unavailable);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
