@@ -15,6 +15,7 @@
 pub mod bus;
 pub mod config;
 pub mod events;
+pub mod metrics;
 pub mod ops;
 pub mod shutdown;
 pub mod store;

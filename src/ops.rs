@@ -1,6 +1,6 @@
 //! The operations endpoint every process serves on its own port (`SLUICE_OPS_ADDR`):
-//! `/health/live` (the process runs) and `/health/ready` (its broker connections are up), for
-//! orchestrators' probes. `<binary> health` probes `/health/ready` of a running process, which
+//! `/health/live` (the process runs), `/health/ready` (its broker connections are up), for
+//! orchestrators' probes, and `/metrics` (Prometheus text). `<binary> health` probes `/health/ready` of a running process, which
 //! is what docker-compose's health checks call.
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
@@ -35,6 +35,7 @@ impl Ops {
         let app = Router::new()
             .route("/health/live", get(|| async { "live\n" }))
             .route("/health/ready", get(readiness))
+            .route("/metrics", get(|| async { ([("content-type", "text/plain; version=0.0.4")], crate::metrics::render()) }))
             .with_state(ready);
         axum::serve(self.listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
     }

@@ -9,6 +9,7 @@ mod catalog;
 mod config;
 mod error;
 mod events;
+mod metrics;
 mod orders;
 mod validation;
 
@@ -128,6 +129,7 @@ impl Gateway {
         }
         tracing::info!(addr = %self.local_addr, "gateway serving");
         let layers = tower::ServiceBuilder::new()
+            .layer(metrics::RequestMetricsLayer)
             .load_shed()
             .concurrency_limit(self.config.max_concurrent_requests)
             .into_inner();

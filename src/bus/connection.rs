@@ -77,6 +77,7 @@ impl<T: Send + Sync + 'static> Link<T> {
         let stop = CancellationToken::new();
         let supervisor =
             Supervisor { url: url.to_owned(), name: name.to_owned(), session, tx, ready_tx, stop: stop.clone() };
+        crate::metrics::metrics().connection_up.get_or_create(&crate::metrics::Link { link: name.to_owned() }).set(1);
         let task = tokio::spawn(supervisor.run(connection, events));
         Ok(Self { state, ready, stop, task })
     }
@@ -110,6 +111,9 @@ struct Supervisor<S: Session> {
 impl<S: Session> Supervisor<S> {
     fn update(&self, change: impl FnOnce(&mut LinkState<S::Value>)) {
         self.tx.send_modify(change);
+        let up = matches!(*self.tx.borrow(), LinkState::Up { .. });
+        let link = crate::metrics::Link { link: self.name.clone() };
+        crate::metrics::metrics().connection_up.get_or_create(&link).set(i64::from(up));
         let ready = self.tx.borrow().is_ready();
         self.ready_tx.send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }

@@ -306,8 +306,16 @@ impl Session for Consuming {
                 self.tracker.spawn(delivery_loop(stream, intake, tracker, move |delivery| {
                     let (route, shared) = (route.clone(), shared.clone());
                     async move {
+                        let metrics = crate::metrics::metrics();
+                        let label = crate::metrics::queue(route.queue());
+                        metrics.deliveries.get_or_create(&label).inc();
+                        let in_flight = metrics.in_flight.get_or_create(&label).clone();
+                        in_flight.inc();
+                        let started = std::time::Instant::now();
                         let outcome = route.process(&delivery, &shared).await;
                         settle(delivery, route.queue(), outcome, &shared).await;
+                        metrics.handler_latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+                        in_flight.dec();
                     }
                 }));
                 consumers.push((channel, tag));
@@ -378,6 +386,7 @@ async fn settle(delivery: Delivery, queue: &str, outcome: Outcome, shared: &Shar
         Outcome::Retry(error) => match shared.config.retry.delay_after(attempt) {
             Some(delay) => {
                 tracing::warn!(%error, attempt, ?delay, queue, "handler failed; retrying later");
+                crate::metrics::metrics().retries.get_or_create(&crate::metrics::queue(queue)).inc();
                 let mut copy = headers_of(&delivery);
                 copy.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt + 1));
                 shared
@@ -414,6 +423,8 @@ async fn dead_letter(
     shared: &Shared,
 ) -> Result<(), Error> {
     tracing::error!(reason, error, attempt, queue, "dead-lettering message");
+    let label = crate::metrics::DeadLetter { queue: queue.to_owned(), reason: reason.to_owned() };
+    crate::metrics::metrics().dead_lettered.get_or_create(&label).inc();
     let mut copy = headers_of(delivery);
     headers::set_str(&mut copy, headers::DEAD_LETTER_REASON, reason);
     let error: String = error.chars().take(4_000).collect();

@@ -131,6 +131,10 @@ impl Publisher {
         let exchange_name = topology::short(exchange)?;
         let key = topology::short(routing_key)?;
         let timeout = self.inner.confirm_timeout;
+        let metrics = crate::metrics::metrics();
+        let label = crate::metrics::route(routing_key);
+        metrics.published.get_or_create(&label).inc();
+        let started = std::time::Instant::now();
         let confirmation = tokio::time::timeout(timeout, async {
             channel
                 .basic_publish(exchange_name, key, BasicPublishOptions { mandatory: true, ..Default::default() }, body, properties)
@@ -140,11 +144,19 @@ impl Publisher {
         .await
         .map_err(|_| Error::ConfirmTimeout(timeout))??;
         match confirmation {
-            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(None) => {
+                metrics.confirmed.get_or_create(&label).inc();
+                metrics.confirm_latency.observe(started.elapsed().as_secs_f64());
+                Ok(())
+            }
             Confirmation::Ack(Some(_returned)) => {
+                metrics.returned.get_or_create(&label).inc();
                 Err(Error::Unroutable { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
             }
-            Confirmation::Nack(_) => Err(Error::Nacked),
+            Confirmation::Nack(_) => {
+                metrics.nacked.get_or_create(&label).inc();
+                Err(Error::Nacked)
+            }
             Confirmation::NotRequested => Err(Error::Unavailable("channel is not in confirm mode".into())),
         }
     }

@@ -13,6 +13,7 @@ mod delivery;
 mod event_gateway;
 mod dlq_tool;
 mod faults;
+mod metrics;
 mod placing_orders;
 mod platform;
 mod poison_messages;
