@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod metrics;
 mod orders;
+mod shed;
 mod validation;
 
 use std::net::SocketAddr;
@@ -130,8 +131,7 @@ impl Gateway {
         tracing::info!(addr = %self.local_addr, "gateway serving");
         let layers = tower::ServiceBuilder::new()
             .layer(metrics::RequestMetricsLayer)
-            .load_shed()
-            .concurrency_limit(self.config.max_concurrent_requests)
+            .layer(shed::ShedLayer::new(self.config.max_concurrent_requests))
             .into_inner();
         let served = Server::builder()
             .timeout(self.config.request_timeout)

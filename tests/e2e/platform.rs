@@ -96,3 +96,60 @@ async fn calls_fail_fast_when_the_service_behind_them_is_missing_or_silent() {
     shutdown.trigger();
     shutdown.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_resource_exhausted_while_health_stays_serving() {
+    let _broker = crate::support::broker::shared().await;
+    let vhost = Vhost::create();
+    let bus = BusConfig::for_url(vhost.url());
+    let mut config = sluice_gateway::Config::for_bus(bus.clone());
+    config.max_concurrent_requests = 2;
+    config.query_timeout = Duration::from_secs(3);
+    let gateway = sluice_gateway::Gateway::bind(config).await.unwrap();
+    let addr = gateway.local_addr();
+    let shutdown = Shutdown::new();
+    shutdown.spawn(gateway.run(shutdown.clone()));
+    let client = OrderServiceClient::connect(format!("http://{addr}")).await.unwrap();
+
+    // An orders queue nobody answers: two GetOrder calls occupy the whole limit.
+    let connection = Connection::connect(&bus.url, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare("orders.get-order".into(), durable, FieldTable::default()).await.unwrap();
+    let slow = |id: &'static str| {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.get_order(GetOrderRequest { order_id: id.into() }).await })
+    };
+    let (first, second) = (slow("o-1"), slow("o-2"));
+    let mut last = None;
+    crate::support::eventually(
+        || async {
+            let q = channel
+                .queue_declare("orders.get-order".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                .await
+                .ok()?;
+            Some(q.message_count())
+        },
+        |n| *n == 2,
+        &mut last,
+    )
+    .await
+    .expect("both slow calls are in flight");
+
+    let started = tokio::time::Instant::now();
+    let shed = client.clone().get_order(GetOrderRequest { order_id: "o-3".into() }).await.expect_err("over the limit");
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+    assert!(started.elapsed() < Duration::from_millis(500), "shed at once, not queued");
+    let channel_to_gateway = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let health = HealthClient::new(channel_to_gateway).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(health.into_inner().status(), ServingStatus::Serving, "health is never shed");
+
+    assert_eq!(first.await.unwrap().expect_err("silent service").code(), Code::Unavailable);
+    assert_eq!(second.await.unwrap().expect_err("silent service").code(), Code::Unavailable);
+    let status = client.clone().place_order(an_order("SKU-1", 1, "tok_visa")).await.expect_err("no inventory");
+    assert_eq!(status.code(), Code::Unavailable, "accepted again once the limit freed up: {status:?}");
+
+    let _ = connection.close(200, "done".into()).await;
+    shutdown.trigger();
+    shutdown.wait().await;
+}
