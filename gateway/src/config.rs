@@ -22,6 +22,8 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// `SLUICE_OPS_ADDR`: the health endpoint (default `0.0.0.0:9600`, `off` disables it).
     pub ops_addr: Option<SocketAddr>,
+    /// `SLUICE_AUTH_TOKENS`: a JSON file of token hashes and grants; unset means no auth.
+    pub auth_tokens: Option<String>,
 }
 
 /// Default port of the gateway's health endpoint.
@@ -47,6 +49,7 @@ impl Config {
             request_timeout: Duration::from_millis(parse_or(source, "SLUICE_REQUEST_TIMEOUT_MS", 30_000u64)?.max(1)),
             max_concurrent_requests,
             ops_addr: sluice::ops::ops_addr(source, OPS_PORT)?,
+            auth_tokens: source.get("SLUICE_AUTH_TOKENS"),
         })
     }
 
@@ -60,6 +63,7 @@ impl Config {
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 1024,
             ops_addr: None,
+            auth_tokens: None,
         }
     }
 }

@@ -20,11 +20,11 @@ use sluice::pb::{
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tonic_types::FieldViolation;
 use uuid::Uuid;
 
-use crate::{error::GatewayError, validation::MAX_ID_LEN};
+use crate::{auth, error::GatewayError, validation::MAX_ID_LEN};
 
 /// Publishes in flight per PublishStream before the gateway stops reading from it.
 pub const STREAM_WINDOW: usize = 256;
@@ -45,22 +45,28 @@ pub struct Events {
     /// Ends live subscriptions at shutdown: they never end by themselves, and the server's
     /// graceful shutdown waits for every open stream.
     shutdown: CancellationToken,
+    auth: auth::Auth,
 }
 
 impl Events {
     /// Publishes through `publisher`; subscriptions open taps on `bus` and end with `shutdown`.
     pub fn new(publisher: Publisher, bus: BusConfig, shutdown: CancellationToken) -> Self {
-        Self { publisher, bus, shutdown }
+        Self { publisher, bus, shutdown, auth: None }
+    }
+
+    /// Requires bearer tokens with the right grants (see `auth`).
+    pub fn with_auth(self, auth: auth::Auth) -> Self {
+        Self { auth, ..self }
     }
 
     /// Validates and publishes one event; `Ok` once confirmed.
-    async fn publish_one(&self, request: PublishRequest) -> Result<PublishResponse, GatewayError> {
+    async fn publish_one(&self, request: PublishRequest, metadata: &MetadataMap) -> Result<PublishResponse, Status> {
         let Some(event) = request.event else {
-            return Err(GatewayError::InvalidArgument(vec![FieldViolation::new("event", "must be set")]));
+            return Err(GatewayError::InvalidArgument(vec![FieldViolation::new("event", "must be set")]).into());
         };
         if request.idempotency_key.len() > MAX_ID_LEN {
             let violation = FieldViolation::new("idempotency_key", format!("must be at most {MAX_ID_LEN} bytes"));
-            return Err(GatewayError::InvalidArgument(vec![violation]));
+            return Err(GatewayError::InvalidArgument(vec![violation]).into());
         }
         let type_name = event.type_url.rsplit('/').next().unwrap_or_default().to_owned();
         let routing_key = check_payload(&type_name, &event.value).map_err(|error| {
@@ -71,6 +77,7 @@ impl Events {
             };
             GatewayError::InvalidArgument(vec![FieldViolation::new(field, error.to_string())])
         })?;
+        auth::may_publish(&self.auth, metadata, routing_key)?;
         let event_id = if request.idempotency_key.is_empty() {
             Uuid::new_v4()
         } else {
@@ -87,7 +94,7 @@ impl Events {
             trace: TraceContext::current(),
             body: event.value,
         };
-        self.publisher.publish_envelope(&envelope).await?;
+        self.publisher.publish_envelope(&envelope).await.map_err(GatewayError::from)?;
         Ok(PublishResponse { event_id, routing_key: routing_key.to_owned() })
     }
 }
@@ -132,7 +139,8 @@ fn envelope_of(tapped: sluice::bus::Tapped) -> EventEnvelope {
 impl EventGateway for Events {
     #[tracing::instrument(name = "Publish", skip_all)]
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
-        Ok(Response::new(self.publish_one(request.into_inner()).await?))
+        let metadata = request.metadata().clone();
+        Ok(Response::new(self.publish_one(request.into_inner(), &metadata).await?))
     }
 
     type PublishStreamStream = BoxStream<PublishStreamResponse>;
@@ -142,6 +150,7 @@ impl EventGateway for Events {
         &self,
         request: Request<Streaming<PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let metadata = Arc::new(request.metadata().clone());
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
         let window = Arc::new(Semaphore::new(STREAM_WINDOW));
@@ -150,7 +159,7 @@ impl EventGateway for Events {
             while let Some(Ok(item)) = inbound.next().await {
                 // Backpressure: with the window full, stop reading until an ack frees a slot.
                 let Ok(permit) = window.clone().acquire_owned().await else { break };
-                let (events, tx) = (events.clone(), tx.clone());
+                let (events, tx, metadata) = (events.clone(), tx.clone(), metadata.clone());
                 tokio::spawn(async move {
                     let sequence = item.sequence;
                     let response = match item.publish {
@@ -160,10 +169,9 @@ impl EventGateway for Events {
                             error_message: "publish must be set".into(),
                             ..Default::default()
                         },
-                        Some(publish) => match events.publish_one(publish).await {
+                        Some(publish) => match events.publish_one(publish, &metadata).await {
                             Ok(done) => PublishStreamResponse { sequence, event_id: done.event_id, ..Default::default() },
-                            Err(error) => {
-                                let status = Status::from(error);
+                            Err(status) => {
                                 PublishStreamResponse {
                                     sequence,
                                     error_code: status.code() as i32,
@@ -185,6 +193,7 @@ impl EventGateway for Events {
 
     #[tracing::instrument(name = "Subscribe", skip_all)]
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let metadata = request.metadata().clone();
         let patterns = request.into_inner().patterns;
         let mut violations = Vec::new();
         if patterns.is_empty() || patterns.len() > MAX_PATTERNS {
@@ -198,6 +207,7 @@ impl EventGateway for Events {
         if !violations.is_empty() {
             return Err(GatewayError::InvalidArgument(violations).into());
         }
+        auth::may_subscribe(&self.auth, &metadata, &patterns)?;
         let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
         let mut tap = Tap::open(&self.bus, &patterns).await.map_err(GatewayError::from)?;
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);

@@ -5,6 +5,7 @@
 //! known before serving); `Gateway::run` serves until shutdown, then drains in-flight calls
 //! and closes the broker connections.
 
+mod auth;
 mod catalog;
 mod config;
 mod error;
@@ -16,6 +17,7 @@ mod validation;
 
 use std::net::SocketAddr;
 
+pub use auth::token_hash;
 pub use config::Config;
 pub use error::GatewayError;
 pub use events::Events;
@@ -51,10 +53,14 @@ pub enum StartError {
     /// The server failed.
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The token file is unusable.
+    #[error("SLUICE_AUTH_TOKENS: {0}")]
+    Auth(#[from] auth::AuthConfigError),
 }
 
 /// A gateway connected to the broker and bound to its address, not yet serving.
 pub struct Gateway {
+    auth: auth::Auth,
     listener: TcpListener,
     local_addr: SocketAddr,
     publisher: Publisher,
@@ -65,13 +71,17 @@ pub struct Gateway {
 impl Gateway {
     /// Connects to the broker and binds `config.grpc_addr`.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let auth = match &config.auth_tokens {
+            Some(path) => Some(std::sync::Arc::new(auth::Grants::from_file(path)?)),
+            None => None,
+        };
         let publisher = Publisher::connect(&config.bus, APP_ID).await?;
         let rpc = RpcClient::connect(&config.bus, APP_ID).await?;
         let listener = TcpListener::bind(config.grpc_addr)
             .await
             .map_err(|source| StartError::Bind { addr: config.grpc_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.grpc_addr, source })?;
-        Ok(Self { listener, local_addr, publisher, rpc, config })
+        Ok(Self { auth, listener, local_addr, publisher, rpc, config })
     }
 
     /// The bound address (useful with port 0).
@@ -82,8 +92,9 @@ impl Gateway {
     /// Serves until `shutdown`, then lets in-flight calls finish and closes the connections.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout, shutdown.token());
-        let events = Events::new(self.publisher.clone(), self.config.bus.clone(), shutdown.token());
+        let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout, shutdown.token())
+            .with_auth(self.auth.clone());
+        let events = Events::new(self.publisher.clone(), self.config.bus.clone(), shutdown.token()).with_auth(self.auth.clone());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -9,13 +9,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use sluice::bus::{Error as BusError, Publisher, RpcClient};
-use sluice::events::OrderCreated;
+use sluice::events::{Event as _, OrderCreated};
 use sluice::pb::{GetOrderRequest, Order, OrderStatus, PlaceOrderRequest, PlaceOrderResponse, order_service_server::OrderService};
 use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
 use uuid::Uuid;
 
-use crate::{catalog::KnownSkus, error::GatewayError, validation};
+use crate::{auth, catalog::KnownSkus, error::GatewayError, validation};
 
 /// Namespace of idempotency-key-derived ids: the same key always names the same order.
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2b8e_41d7_9c3a_4f6e_a1b5_0c9d_8e7f_6a5b);
@@ -29,6 +29,7 @@ pub struct Orders {
     query_timeout: Duration,
     /// Ends WatchOrder streams at shutdown (graceful shutdown waits for open streams).
     shutdown: CancellationToken,
+    auth: auth::Auth,
 }
 
 impl Orders {
@@ -50,7 +51,12 @@ impl Orders {
     /// Publishes through `publisher` and asks other services through `rpc`, waiting at most
     /// `query_timeout` for them.
     pub fn new(publisher: Publisher, rpc: RpcClient, query_timeout: Duration, shutdown: CancellationToken) -> Self {
-        Self { publisher, rpc, skus: Arc::default(), query_timeout, shutdown }
+        Self { publisher, rpc, skus: Arc::default(), query_timeout, shutdown, auth: None }
+    }
+
+    /// Requires bearer tokens with the right grants (see `auth`).
+    pub fn with_auth(self, auth: auth::Auth) -> Self {
+        Self { auth, ..self }
     }
 
     /// How long a call may wait on another service: our own limit, or the caller's deadline
@@ -109,6 +115,7 @@ fn map_wait_error(error: BusError, caller_limited: bool, what: &'static str) -> 
 impl OrderService for Orders {
     #[tracing::instrument(name = "PlaceOrder", skip_all, fields(order_id, event_id))]
     async fn place_order(&self, request: Request<PlaceOrderRequest>) -> Result<Response<PlaceOrderResponse>, Status> {
+        auth::may_publish(&self.auth, request.metadata(), OrderCreated::ROUTING_KEY)?;
         let (budget, caller_limited) = self.wait_budget(&request);
         let request = request.into_inner();
         let mut violations = validation::place_order(&request);
@@ -147,6 +154,7 @@ impl OrderService for Orders {
 
     #[tracing::instrument(name = "GetOrder", skip_all, fields(order_id))]
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
+        auth::may_subscribe(&self.auth, request.metadata(), &[OrderCreated::ROUTING_KEY.to_owned()])?;
         let (budget, caller_limited) = self.wait_budget(&request);
         let request = request.into_inner();
         tracing::Span::current().record("order_id", request.order_id.as_str());
@@ -157,6 +165,7 @@ impl OrderService for Orders {
 
     #[tracing::instrument(name = "WatchOrder", skip_all, fields(order_id))]
     async fn watch_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Self::WatchOrderStream>, Status> {
+        auth::may_subscribe(&self.auth, request.metadata(), &[OrderCreated::ROUTING_KEY.to_owned()])?;
         let order_id = request.into_inner().order_id;
         tracing::Span::current().record("order_id", order_id.as_str());
         // An unknown order is NOT_FOUND at once, not an empty stream.
