@@ -1,0 +1,122 @@
+//! The broker baseline: raw lapin, no Sluice code. Persistent 200-byte messages to
+//! `sluice.events` with `mandatory`, confirmed by the broker, with a fixed window of publishes
+//! in flight on one confirm channel, into quorum queues bound to the routing key. This is the
+//! ceiling any publishing path on this broker can reach.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use hdrhistogram::Histogram;
+use lapin::{
+    BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+
+use crate::{
+    broker::message_count,
+    report::{self, Check},
+};
+
+/// The exchange the platform publishes to.
+pub const EXCHANGE: &str = "sluice.events";
+
+/// What one baseline run measured.
+pub struct Baseline {
+    pub window: usize,
+    pub queues: usize,
+    /// Confirms received inside the measured window, per second.
+    pub rate: f64,
+    pub latency: Histogram<u64>,
+    /// Nacks, returns and failed publishes.
+    pub errors: u64,
+    pub check: Check,
+}
+
+/// Publishes for `warmup + duration` with `window` confirms outstanding, into `queues` quorum
+/// queues bound to one routing key, then checks that every queue holds every confirmed message.
+pub async fn run(url: &str, window: usize, queues: usize, warmup: Duration, duration: Duration) -> anyhow::Result<Baseline> {
+    let connection = Connection::connect(url, ConnectionProperties::default().with_connection_name("sluice-bench.baseline".into()))
+        .await
+        .context("connecting to the broker")?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .exchange_declare(EXCHANGE.into(), ExchangeKind::Topic, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .await
+        .context("declaring sluice.events")?;
+    let key = format!("bench.baseline.w{window}.q{queues}");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let names: Vec<String> = (1..=queues).map(|i| format!("{key}.{i}")).collect();
+    for name in &names {
+        channel
+            .queue_declare(ShortString::try_new(name.as_str())?, QueueDeclareOptions { durable: true, ..Default::default() }, arguments.clone())
+            .await
+            .with_context(|| format!("declaring {name}"))?;
+        channel
+            .queue_bind(ShortString::try_new(name.as_str())?, EXCHANGE.into(), ShortString::try_new(key.as_str())?, QueueBindOptions::default(), FieldTable::default())
+            .await?;
+    }
+
+    let body = vec![b'x'; 200];
+    let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/octet-stream".into());
+    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+    let routing_key = ShortString::try_new(key.as_str())?;
+    let mut latency = report::histogram()?;
+    let (mut acked, mut measured, mut errors) = (0u64, 0u64, 0u64);
+    let measure_from = Instant::now() + warmup;
+    let end = measure_from + duration;
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        if Instant::now() < end {
+            while in_flight.len() < window {
+                let sent = Instant::now();
+                let confirm = channel
+                    .basic_publish(EXCHANGE.into(), routing_key.clone(), options, &body, properties.clone())
+                    .await
+                    .context("publishing")?;
+                in_flight.push(async move { (sent, confirm.await) });
+            }
+        }
+        let Some((sent, confirmation)) = in_flight.next().await else { break };
+        let done = Instant::now();
+        match confirmation {
+            Ok(Confirmation::Ack(None)) => {
+                acked += 1;
+                if sent >= measure_from && done <= end {
+                    measured += 1;
+                    report::record(&mut latency, done - sent);
+                }
+            }
+            _ => errors += 1,
+        }
+    }
+
+    let mut check = Check::Ok(format!("{} queue(s) hold all {} confirmed", queues, report::thousands(acked as f64)));
+    for name in &names {
+        let count = settled_count(&channel, name, acked).await?;
+        if u64::from(count) != acked {
+            check = Check::Fail(format!("{name} holds {count} messages, {acked} were confirmed"));
+        }
+        channel.queue_delete(ShortString::try_new(name.as_str())?, QueueDeleteOptions::default()).await?;
+    }
+    let _ = connection.close(200, "baseline done".into()).await;
+    Ok(Baseline { window, queues, rate: measured as f64 / duration.as_secs_f64(), latency, errors, check })
+}
+
+/// The queue's message count once it reaches `expected`, or its last value after 5 s.
+pub async fn settled_count(channel: &lapin::Channel, queue: &str, expected: u64) -> anyhow::Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let count = message_count(channel, queue).await?;
+        if u64::from(count) == expected || Instant::now() >= deadline {
+            return Ok(count);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

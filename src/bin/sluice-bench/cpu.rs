@@ -1,0 +1,63 @@
+//! Where the CPU went during a scenario: user + system time of each platform process, of the
+//! broker (`beam.smp`) and of this load generator, from `/proc/<pid>/stat`. On a 2-core
+//! machine they all share the same cores, so this says who the bottleneck is.
+
+use std::time::Instant;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds used so far by `pid`, if it is running.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields we need follow its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SECOND)
+}
+
+/// The broker's process id, found by its command name.
+fn broker_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().into_string().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// A snapshot to measure CPU use from.
+pub struct Usage {
+    at: Instant,
+    processes: Vec<(String, String, f64)>,
+}
+
+impl Usage {
+    /// Snapshots the given processes, the broker and this process.
+    pub fn start(platform: &[(&'static str, u32)]) -> Self {
+        let mut named: Vec<(String, String)> = platform.iter().map(|(name, pid)| ((*name).to_owned(), pid.to_string())).collect();
+        if let Some(pid) = broker_pid() {
+            named.push(("rabbitmq".into(), pid));
+        }
+        named.push(("sluice-bench".into(), "self".into()));
+        let processes = named
+            .into_iter()
+            .filter_map(|(name, pid)| cpu_seconds(&pid).map(|seconds| (name, pid, seconds)))
+            .collect();
+        Self { at: Instant::now(), processes }
+    }
+
+    /// Cores used by each process since the snapshot, busiest first: `rabbitmq 0.93, ...`.
+    pub fn report(&self) -> String {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-3);
+        let mut used: Vec<(&str, f64)> = self
+            .processes
+            .iter()
+            .filter_map(|(name, pid, before)| cpu_seconds(pid).map(|now| (name.as_str(), (now - before) / wall)))
+            .collect();
+        used.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = used.iter().map(|(_, c)| c).sum();
+        let parts: Vec<String> = used.iter().map(|(name, cores)| format!("{name} {cores:.2}")).collect();
+        format!("{total:.2} cores: {}", parts.join(", "))
+    }
+}

@@ -1,0 +1,351 @@
+//! `sluice-bench`: measures the platform on this machine and prints one table and one summary
+//! line.
+//!
+//! It creates a fresh vhost, starts the four services and the gateway from the release
+//! binaries (each with its own SQLite database in a temp dir), and runs, each for a fixed
+//! duration after a warm-up:
+//!
+//! 1. the broker baseline (raw lapin, confirmed persistent publishes, no Sluice code);
+//! 2. end to end: orders offered at a fixed rate until COMPLETED, seen on a tap;
+//! 3. unary PlaceOrder through the gateway at several concurrencies (the services are stopped
+//!    first, so they do not compete for the CPU; their queues still receive every order);
+//! 4. `EventGateway/PublishStream` of `OrderCreated` events, one stream, several windows;
+//! 5. the peak RSS of every process.
+//!
+//! Every scenario checks its own results, so a fast wrong answer prints FAIL and the exit code
+//! is 1. Then it stops the processes with SIGTERM and deletes the vhost and the temp dir.
+//!
+//! ```sh
+//! cargo build --release --workspace --bins && target/release/sluice-bench --duration 10s --warmup 2s
+//! ```
+
+mod baseline;
+mod broker;
+mod cpu;
+mod e2e;
+mod platform;
+mod report;
+mod stream;
+mod unary;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use report::{Check, Latency, Row, thousands};
+
+/// Benchmarks the Sluice platform against the raw broker.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-bench")]
+struct Args {
+    /// Measured time of each scenario (`10s`, `500ms`, `1m`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before each scenario.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Where sluice-gateway and the sluice-<service> binaries are (default: next to this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// The broker, without a vhost.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    amqp: String,
+    /// The RabbitMQ management API.
+    #[arg(long, default_value = "http://127.0.0.1:15672")]
+    rabbitmq_api: String,
+    /// Confirms in flight in the broker baseline, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,100,1000")]
+    windows: Vec<usize>,
+    /// PlaceOrder callers in flight, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    concurrency: Vec<usize>,
+    /// Events awaiting their ack on one PublishStream, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "16,256")]
+    stream_windows: Vec<usize>,
+    /// HTTP/2 connections to the gateway (at most one per caller).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Orders per second offered end to end.
+    #[arg(long, default_value_t = 1000.0)]
+    e2e_rate: f64,
+    /// Most PlaceOrder calls in flight end to end.
+    #[arg(long, default_value_t = 256)]
+    e2e_calls: usize,
+    /// Longest wait for the end-to-end backlog to drain.
+    #[arg(long, default_value = "180s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Keep the temp dir (databases, logs) after the run.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let (number, unit) = raw.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((raw, "s"), |i| raw.split_at(i));
+    let value: f64 = number.parse().map_err(|_| format!("`{raw}` is not a duration like 10s, 500ms or 1m"))?;
+    let seconds = match unit {
+        "ms" => value / 1_000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        other => return Err(format!("unknown unit `{other}` (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// The run's temp dir, removed on drop unless `--keep`.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept {}", self.path.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("warning: removing {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let outcome = tokio::select! {
+        outcome = run(args) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("sluice-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(|_| "?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
+/// Runs every scenario; `Ok(false)` when a check failed.
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let bin_dir = platform::bin_dir(args.bin_dir.as_deref())?;
+    let broker = broker::Broker::new(&args.amqp, &args.rabbitmq_api);
+    let version = broker.version().context("asking the management API for the broker version")?;
+    eprintln!("RabbitMQ {version}; {} CPUs; load average {}", std::thread::available_parallelism().map_or(0, |n| n.get()), load_average());
+    let vhost = broker.create_vhost()?;
+    let dir = TempDir { path: std::env::temp_dir().join(&vhost.name), keep: args.keep };
+    std::fs::create_dir_all(&dir.path).with_context(|| format!("creating {}", dir.path.display()))?;
+    eprintln!("vhost {}, databases and logs in {}", vhost.name, dir.path.display());
+    let started = Instant::now();
+    let mut platform = platform::Platform::start(&bin_dir, &vhost.url(), &dir.path)?;
+    eprintln!("platform up in {:.1} s, gRPC on {}", started.elapsed().as_secs_f64(), platform.grpc_addr);
+
+    let mut baselines = Vec::new();
+    for queues in [1, 3] {
+        for &window in &args.windows {
+            eprintln!("broker baseline: {queues} queue(s), {window} in flight");
+            let usage = cpu::Usage::start(&platform.pids());
+            baselines.push(baseline::run(&vhost.url(), window, queues, args.warmup, args.duration).await?);
+            eprintln!("  CPU {}", usage.report());
+        }
+    }
+    let ceiling = |queues: usize| baselines.iter().filter(|b| b.queues == queues).map(|b| b.rate).fold(0.0, f64::max);
+    let (ceiling1, ceiling3) = (ceiling(1), ceiling(3));
+
+    eprintln!("end to end: {} orders/s offered", args.e2e_rate);
+    let load = e2e::Load {
+        rate: args.e2e_rate,
+        max_calls: args.e2e_calls,
+        connections: args.connections,
+        warmup: args.warmup,
+        duration: args.duration,
+        drain_timeout: args.drain_timeout,
+    };
+    let usage = cpu::Usage::start(&platform.pids());
+    let e2e = e2e::run(platform.grpc_addr, &vhost, &load).await?;
+    eprintln!("  CPU {}", usage.report());
+    let retries: usize = platform::logged(&dir.path).iter().map(|(_, l)| l.retries).sum();
+    let mut memory = platform.peak_rss();
+    memory.retain(|(name, _)| *name != "gateway");
+    for (name, ended) in platform.stop(&platform::SERVICES) {
+        if ended != "exit 0" {
+            eprintln!("warning: sluice-{name} stopped with {ended}");
+        }
+    }
+
+    let order_created = vhost.bound_queues(baseline::EXCHANGE, "order.created")?;
+    let connection = lapin::Connection::connect(&vhost.url(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let mut unaries = Vec::new();
+    for &concurrency in &args.concurrency {
+        purge(&channel, &order_created).await?;
+        eprintln!("unary PlaceOrder: {concurrency} in flight");
+        let usage = cpu::Usage::start(&platform.pids());
+        let result = unary::run(platform.grpc_addr, concurrency, args.connections, args.warmup, args.duration).await?;
+        eprintln!("  CPU {}", usage.report());
+        let check = delivered(&channel, &order_created, result.accepted, result.failed).await?;
+        unaries.push((concurrency, result, check));
+    }
+    let mut streams = Vec::new();
+    for &window in &args.stream_windows {
+        purge(&channel, &order_created).await?;
+        eprintln!("PublishStream: {window} in flight");
+        let usage = cpu::Usage::start(&platform.pids());
+        let result = stream::run(platform.grpc_addr, window, args.warmup, args.duration).await?;
+        eprintln!("  CPU {}", usage.report());
+        let check = delivered(&channel, &order_created, result.accepted, result.failed).await?;
+        streams.push((window, result, check));
+    }
+    let _ = connection.close(200, "done".into()).await;
+    memory.extend(platform.peak_rss());
+    drop(platform);
+    for (name, logged) in platform::logged(&dir.path) {
+        eprintln!(
+            "sluice-{name} logged {} warnings ({} handler retries) and {} errors",
+            logged.warnings, logged.retries, logged.errors
+        );
+    }
+
+    // The table: baseline, unary, streaming, end to end, memory.
+    let mut rows = Vec::new();
+    for b in &baselines {
+        let top = if b.queues == 1 { ceiling1 } else { ceiling3 };
+        rows.push(Row {
+            scenario: format!("broker baseline, {} quorum queue{}, {} in flight", b.queues, if b.queues == 1 { "" } else { "s" }, b.window),
+            rate: format!("{} msg/s", thousands(b.rate)),
+            latency: Latency::of(&b.latency),
+            errors: b.errors.to_string(),
+            versus: match (b.queues, b.rate == top) {
+                (1, true) => "ceiling".into(),
+                (_, true) => format!("{:.2}x (3q ceiling)", b.rate / ceiling1),
+                _ => format!("{:.2}x", b.rate / ceiling1),
+            },
+            check: b.check.clone(),
+        });
+    }
+    for (concurrency, u, check) in &unaries {
+        rows.push(Row {
+            scenario: format!("PlaceOrder unary, {concurrency} in flight"),
+            rate: format!("{} orders/s", thousands(u.rate)),
+            latency: Latency::of(&u.latency),
+            errors: errors(&u.errors),
+            versus: format!("{:.2}x (3q {:.2}x)", u.rate / ceiling1, u.rate / ceiling3),
+            check: check.clone(),
+        });
+    }
+    for (window, st, check) in &streams {
+        rows.push(Row {
+            scenario: format!("PublishStream OrderCreated, 1 stream, {window} in flight"),
+            rate: format!("{} events/s", thousands(st.rate)),
+            latency: Latency::of(&st.latency),
+            errors: errors(&st.errors),
+            versus: format!("{:.2}x (3q {:.2}x)", st.rate / ceiling1, st.rate / ceiling3),
+            check: check.clone(),
+        });
+    }
+    let (before, after) = e2e.backlog;
+    let growth = (after as f64 - before as f64) / args.duration.as_secs_f64();
+    let grows = growth > (args.e2e_rate * 0.02).max(5.0);
+    let backlog = format!(
+        "{retries} handler retries; backlog {} -> {} ({}), drained in {:.1} s",
+        thousands(before as f64),
+        thousands(after as f64),
+        if grows { format!("GROWS {}/s", thousands(growth)) } else { "steady".into() },
+        e2e.drained_in.as_secs_f64()
+    );
+    let e2e_check = match &e2e.check {
+        Check::Ok(what) => Check::Ok(format!("{what}; {backlog}")),
+        Check::Fail(why) => Check::Fail(format!("{why}; {backlog}")),
+        Check::NotRun => Check::NotRun,
+    };
+    rows.push(Row {
+        scenario: format!("end to end to COMPLETED, {} offered/s (sent {})", thousands(args.e2e_rate), thousands(e2e.offered)),
+        rate: format!("{} orders/s", thousands(e2e.completed_rate)),
+        latency: Latency::of(&e2e.latency),
+        errors: errors(&e2e.errors),
+        versus: format!("{:.2}x", e2e.completed_rate / ceiling1),
+        check: e2e_check,
+    });
+    let mut peak_mib = 0.0_f64;
+    for (name, kib) in &memory {
+        let (rate, check) = match kib {
+            Ok(kib) => {
+                let mib = *kib as f64 / 1024.0;
+                peak_mib = peak_mib.max(mib);
+                (format!("{mib:.1} MiB"), Check::NotRun)
+            }
+            Err(e) => ("?".into(), Check::Fail(format!("{e:#}"))),
+        };
+        rows.push(Row::note(format!("peak RSS (VmHWM) sluice-{name}"), rate, check));
+    }
+    report::print_table(&rows);
+
+    let failed = rows.iter().filter(|r| r.check.failed()).count();
+    let best_unary = unaries.iter().map(|(_, u, _)| u.rate).fold(0.0, f64::max);
+    let unary_ratio = best_unary / ceiling1;
+    let confirm_p50 = baselines.iter().find(|b| b.queues == 1 && b.window == 16).or_else(|| baselines.first()).and_then(|b| Latency::of(&b.latency)).map_or(0, |l| l.p50);
+    let unary_p50 = unaries.iter().find(|(c, _, _)| *c == 16).and_then(|(_, u, _)| Latency::of(&u.latency)).map_or(0, |l| l.p50);
+    let p50_ratio = unary_p50 as f64 / confirm_p50.max(1) as f64;
+    let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    println!(
+        "SUMMARY: checks {} | unary best {} orders/s = {:.2}x baseline {} msg/s (target >= 0.8x: {}) | p50 at 16 in flight {} ms = {:.2}x confirm p50 {} ms (target <= 1.5x: {}) | end to end {} orders/s (target >= 1,000: {}) | peak RSS max {:.1} MiB (target <= 64 MiB: {}) | load average {}",
+        if failed == 0 { "all ok".to_owned() } else { format!("{failed} FAIL") },
+        thousands(best_unary),
+        unary_ratio,
+        thousands(ceiling1),
+        verdict(unary_ratio >= 0.8),
+        report::ms(unary_p50),
+        p50_ratio,
+        report::ms(confirm_p50),
+        verdict(unary_p50 > 0 && p50_ratio <= 1.5),
+        thousands(e2e.completed_rate),
+        verdict(e2e.completed_rate >= 1_000.0),
+        peak_mib,
+        verdict(peak_mib > 0.0 && peak_mib <= 64.0),
+        load_average(),
+    );
+    Ok(failed == 0)
+}
+
+/// Empties the queues bound to `order.created` before a run.
+async fn purge(channel: &lapin::Channel, queues: &[String]) -> anyhow::Result<()> {
+    for queue in queues {
+        channel.queue_purge(lapin::types::ShortString::try_new(queue.as_str())?, Default::default()).await?;
+    }
+    Ok(())
+}
+
+/// Every queue bound to `order.created` holds one message per accepted order (and at most one
+/// more per failed call, whose confirm may have come too late).
+async fn delivered(channel: &lapin::Channel, queues: &[String], accepted: u64, failed: u64) -> anyhow::Result<Check> {
+    if queues.is_empty() {
+        return Ok(Check::Fail("no queue is bound to order.created".into()));
+    }
+    if accepted == 0 {
+        return Ok(Check::Fail("nothing was accepted".into()));
+    }
+    for queue in queues {
+        let count = u64::from(baseline::settled_count(channel, queue, accepted).await?);
+        if count < accepted || count > accepted + failed {
+            return Ok(Check::Fail(format!("{queue} holds {count}, {accepted} were accepted")));
+        }
+    }
+    Ok(Check::Ok(format!("{} order.created queues hold all {} accepted", queues.len(), thousands(accepted as f64))))
+}
+
+/// `0`, or `12 (Unavailable 10, DeadlineExceeded 2)`.
+fn errors(by_code: &std::collections::BTreeMap<String, u64>) -> String {
+    let total: u64 = by_code.values().sum();
+    if total == 0 {
+        return "0".into();
+    }
+    let codes: Vec<String> = by_code.iter().map(|(code, n)| format!("{code} {n}")).collect();
+    format!("{total} ({})", codes.join(", "))
+}
