@@ -1,5 +1,7 @@
 # One image for the whole platform: the gateway and the four services, each started by its
-# own binary name (see docker-compose.yml). No protoc and no C crypto toolchain are needed.
+# own binary name (see docker-compose.yml), plus the `sluice` dead-letter CLI for operators
+# (`docker compose exec inventory sluice dlq list inventory.reserve-stock.dlq`).
+# No protoc and no C crypto toolchain are needed.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -8,7 +10,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --workspace --bins \
     && mkdir -p /out \
     && cp target/release/sluice-gateway target/release/sluice-inventory target/release/sluice-payment \
-          target/release/sluice-notification target/release/sluice-orders /out/
+          target/release/sluice-notification target/release/sluice-orders target/release/sluice /out/
 
 FROM debian:bookworm-slim
 RUN useradd --system --home /var/lib/sluice --create-home sluice
