@@ -514,10 +514,12 @@ impl Consumer {
         tracing::info!(service = %self.service, "stopping intake");
         self.intake.cancel();
         let state = self.link.subscribe().borrow().clone();
-        if let super::connection::LinkState::Up { value, .. } = state {
-            for (channel, tag) in &value.0 {
-                let _ = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
-            }
+        let consumers = match state {
+            super::connection::LinkState::Up { value, .. } => Some(value),
+            super::connection::LinkState::Down => None,
+        };
+        for (channel, tag) in consumers.iter().flat_map(|c| c.0.iter()) {
+            let _ = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
         }
         self.tracker.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, self.tracker.wait()).await.is_err() {
@@ -525,6 +527,11 @@ impl Consumer {
         }
         self.relay_stop.cancel();
         let _ = self.relay.await;
+        // Close the channels before the connection (lapin reports channels still open when
+        // their connection closes as a connection error).
+        for (channel, _) in consumers.iter().flat_map(|c| c.0.iter()) {
+            let _ = channel.close(200, "shutdown".into()).await;
+        }
         self.link.close().await;
         self.publisher.close().await;
         tracing::info!(service = %self.service, "stopped");

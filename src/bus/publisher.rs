@@ -175,6 +175,10 @@ impl Publisher {
     /// outstanding confirms are owned by their callers, so nothing is cut short.
     pub async fn close(&self) {
         if let Some(link) = self.inner.link.lock().await.take() {
+            let state = self.inner.state.borrow().clone();
+            if let LinkState::Up { value: channel, .. } = state {
+                let _ = channel.close(200, "shutdown".into()).await;
+            }
             link.close().await;
         }
     }

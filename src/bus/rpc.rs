@@ -163,6 +163,10 @@ impl RpcClient {
     /// Closes the connection.
     pub async fn close(&self) {
         if let Some(link) = self.link.lock().await.take() {
+            let state = self.state.borrow().clone();
+            if let LinkState::Up { value: channel, .. } = state {
+                let _ = channel.close(200, "shutdown".into()).await;
+            }
             link.close().await;
         }
     }

@@ -61,6 +61,7 @@ impl Tapped {
 /// A live subscription to events matching some routing patterns.
 pub struct Tap {
     connection: Connection,
+    channel: lapin::Channel,
     stream: lapin::Consumer,
 }
 
@@ -85,7 +86,7 @@ impl Tap {
         let stream = channel
             .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { exclusive: true, ..Default::default() }, FieldTable::default())
             .await?;
-        Ok(Self { connection, stream })
+        Ok(Self { connection, channel, stream })
     }
 
     /// The next event, or `None` once the connection is gone.
@@ -102,6 +103,7 @@ impl Tap {
 
     /// Closes the tap (its queue disappears with the connection).
     pub async fn close(self) {
+        let _ = self.channel.close(200, "tap closed".into()).await;
         let _ = self.connection.close(200, "tap closed".into()).await;
     }
 }
