@@ -483,9 +483,11 @@ fn decode(pool: Result<&DescriptorPool, String>, type_name: Option<&str>, body: 
         let descriptor = pool.get_message_by_name(type_name).ok_or_else(|| format!("unknown type {type_name}"))?;
         let message = DynamicMessage::decode(descriptor, body).map_err(|e| format!("not a {type_name}: {e}"))?;
         let options = SerializeOptions::new().use_proto_field_name(true).skip_default_fields(false);
-        message
+        let mut json = message
             .serialize_with_options(serde_json::value::Serializer, &options)
-            .map_err(|e| format!("converting {type_name} to JSON: {e}"))
+            .map_err(|e| format!("converting {type_name} to JSON: {e}"))?;
+        redact_secrets(&mut json);
+        Ok(json)
     })();
     match decoded {
         Ok(body) => Body::Decoded { body },
@@ -493,6 +495,24 @@ fn decode(pool: Result<&DescriptorPool, String>, type_name: Option<&str>, body: 
             use base64::Engine as _;
             Body::Undecodable { body_base64: base64::engine::general_purpose::STANDARD.encode(body), decode_error }
         }
+    }
+}
+
+/// Secrets never leave through `show`: string fields whose name ends in `token` (the
+/// payment token of `OrderCreated`) are printed as `***`. Replay sends the original bytes.
+fn redact_secrets(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (name, field) in fields.iter_mut() {
+                if name.ends_with("token") && field.is_string() {
+                    *field = serde_json::Value::String("***".into());
+                } else {
+                    redact_secrets(field);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_secrets),
+        _ => {}
     }
 }
 
@@ -507,6 +527,19 @@ fn percent_encode(segment: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn payment_tokens_are_not_shown() {
+        let mut json = serde_json::json!({"order_id": "o-1", "payment_token": "tok_visa", "items": [{"sku": "A"}]});
+        redact_secrets(&mut json);
+        assert_eq!(json["payment_token"], "***");
+        assert_eq!(json["order_id"], "o-1");
+    }
 }
 
 #[cfg(test)]
