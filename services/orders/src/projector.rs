@@ -27,9 +27,13 @@ impl<E: Lifecycle> Handler<E> for Projector {
             let t = &ctx.meta().occurred_at;
             t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos / 1_000))
         };
+        // Upsert with DO UPDATE, not DO NOTHING: it locks the order's row until this transaction
+        // commits, so two events of one order (projected concurrently from different queues)
+        // are applied one after the other. Without the lock, on PostgreSQL each would derive
+        // the status without seeing the other's history row, and the last to commit would win.
         sqlx::query(
             "INSERT INTO orders (order_id, customer_id, status, total_cents, reason, updated_at) VALUES ($1, $2, 0, 0, '', $3) \
-             ON CONFLICT (order_id) DO NOTHING",
+             ON CONFLICT (order_id) DO UPDATE SET updated_at = excluded.updated_at",
         )
         .bind(&order_id)
         .bind(&change.customer_id)
