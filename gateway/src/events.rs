@@ -69,7 +69,7 @@ impl Events {
             return Err(GatewayError::InvalidArgument(vec![violation]).into());
         }
         let type_name = event.type_url.rsplit('/').next().unwrap_or_default().to_owned();
-        let routing_key = check_payload(&type_name, &event.value).map_err(|error| {
+        let checked = check_payload(&type_name, &event.value).map_err(|error| {
             let field = match &error {
                 PayloadError::UnknownType(_) => "event.type_url".to_owned(),
                 PayloadError::Undecodable { .. } => "event.value".to_owned(),
@@ -77,39 +77,25 @@ impl Events {
             };
             GatewayError::InvalidArgument(vec![FieldViolation::new(field, error.to_string())])
         })?;
-        auth::may_publish(&self.auth, metadata, routing_key)?;
+        auth::may_publish(&self.auth, metadata, checked.routing_key)?;
         let event_id = if request.idempotency_key.is_empty() {
             Uuid::new_v4()
         } else {
             Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{type_name}\u{0}{}", request.idempotency_key).as_bytes())
         }
         .to_string();
-        let correlation_id = correlation_id(&type_name, &event.value);
         let envelope = Envelope {
             event_id: event_id.clone(),
-            routing_key: routing_key.to_owned(),
+            routing_key: checked.routing_key.to_owned(),
             type_name,
-            correlation_id,
+            correlation_id: checked.order_id,
             occurred_at: headers::now(),
             trace: TraceContext::current(),
             body: event.value,
         };
         self.publisher.publish_envelope(&envelope).await.map_err(GatewayError::from)?;
-        Ok(PublishResponse { event_id, routing_key: routing_key.to_owned() })
+        Ok(PublishResponse { event_id, routing_key: checked.routing_key.to_owned() })
     }
-}
-
-/// The `order_id` of a checked payload, for `correlation_id`.
-fn correlation_id(type_name: &str, body: &[u8]) -> Option<String> {
-    use prost::Message as _;
-    // Every registered event keeps its order id in field 1 when it has one; decode just that.
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct OrderRef {
-        #[prost(string, tag = "1")]
-        order_id: String,
-    }
-    sluice::events::routing_key_of(type_name)?;
-    OrderRef::decode(body).ok().map(|r| r.order_id).filter(|id| !id.is_empty())
 }
 
 /// A routing pattern: dotted words of `[a-z0-9-]`, `*` or `#`.

@@ -54,20 +54,32 @@ fn descriptors() -> &'static prost_reflect::DescriptorPool {
     })
 }
 
+/// A payload [`check_payload`] accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPayload {
+    /// The event type's routing key.
+    pub routing_key: &'static str,
+    /// Its `order_id`, for events that have one (the message's `correlation_id`).
+    pub order_id: Option<String>,
+}
+
 /// Checks that `body` is a valid, registered event of type `full_name` (decodable, with its
-/// `order_id` set when it has one) and returns its routing key.
-pub fn check_payload(full_name: &str, body: &[u8]) -> Result<&'static str, PayloadError> {
+/// `order_id` set when it has one) and returns its routing key and order id.
+pub fn check_payload(full_name: &str, body: &[u8]) -> Result<CheckedPayload, PayloadError> {
     let routing_key = routing_key_of(full_name).ok_or_else(|| PayloadError::UnknownType(full_name.to_owned()))?;
     let descriptor = descriptors()
         .get_message_by_name(full_name)
         .ok_or_else(|| PayloadError::UnknownType(full_name.to_owned()))?;
     let message = prost_reflect::DynamicMessage::decode(descriptor.clone(), body)
         .map_err(|e| PayloadError::Undecodable { type_name: full_name.to_owned(), reason: e.to_string() })?;
-    let order_id = descriptor.get_field_by_name("order_id");
-    if order_id.is_some_and(|field| message.get_field(&field).as_str().is_none_or(str::is_empty)) {
-        return Err(PayloadError::MissingField("order_id"));
-    }
-    Ok(routing_key)
+    let order_id = match descriptor.get_field_by_name("order_id") {
+        None => None,
+        Some(field) => match message.get_field(&field).as_str() {
+            Some(id) if !id.is_empty() => Some(id.to_owned()),
+            _ => return Err(PayloadError::MissingField("order_id")),
+        },
+    };
+    Ok(CheckedPayload { routing_key, order_id })
 }
 
 #[cfg(test)]
@@ -78,7 +90,8 @@ mod tests {
     fn payloads_are_checked_against_the_registry() {
         use prost::Message as _;
         let good = OrderCreated { order_id: "o-1".into(), ..Default::default() }.encode_to_vec();
-        assert_eq!(check_payload("sluice.v1.OrderCreated", &good), Ok("order.created"));
+        let checked = check_payload("sluice.v1.OrderCreated", &good).unwrap();
+        assert_eq!((checked.routing_key, checked.order_id.as_deref()), ("order.created", Some("o-1")));
         assert!(matches!(check_payload("sluice.v1.Nope", &good), Err(PayloadError::UnknownType(_))));
         assert!(matches!(check_payload("sluice.v1.OrderCreated", b"\xff\xff"), Err(PayloadError::Undecodable { .. })));
         let empty = OrderCreated::default().encode_to_vec();
