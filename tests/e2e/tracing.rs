@@ -23,7 +23,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
     child,
-    support::{an_order, broker, database::{Backend, Databases}, eventually, test_catalog},
+    support::{an_order, broker, database::{Backend, Databases}, eventually, test_catalog, write_catalog},
 };
 
 /// A span as received, with the `service.name` of the process that sent it.
@@ -101,13 +101,8 @@ async fn one_order_is_one_trace_across_every_process() {
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
 
-    let catalog = std::env::temp_dir().join(format!("sluice-trace-catalog-{}.json", uuid::Uuid::new_v4().simple()));
-    let items: Vec<serde_json::Value> = test_catalog()
-        .items()
-        .iter()
-        .map(|i| serde_json::json!({"sku": i.sku, "name": i.name, "price_cents": i.price_cents, "stock": i.stock}))
-        .collect();
-    std::fs::write(&catalog, serde_json::to_string(&items).unwrap()).unwrap();
+    let catalog = databases.file("catalog.json");
+    write_catalog(&test_catalog(), &catalog);
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let common = |extra: Vec<(&str, String)>| -> Vec<(String, String)> {
         let mut env = vec![
@@ -271,5 +266,4 @@ async fn one_order_is_one_trace_across_every_process() {
     }
     println!("trace {caller_trace}: {} spans", spans.len());
     print(&tree, caller_span, 1);
-    let _ = std::fs::remove_file(&catalog);
 }

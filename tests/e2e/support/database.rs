@@ -31,6 +31,12 @@ impl Databases {
         Self { backend, id, dir, created: Vec::new() }
     }
 
+    /// A file path in this test's temporary directory (removed with it).
+    pub fn file(&self, name: &str) -> std::path::PathBuf {
+        std::fs::create_dir_all(&self.dir).expect("creating the test directory");
+        self.dir.join(name)
+    }
+
     /// A database URL for `service`, creating the database.
     pub async fn url_for(&mut self, service: &str) -> String {
         sqlx::any::install_default_drivers();

@@ -36,7 +36,7 @@ pub struct TestApp {
     services: Vec<Service>,
     shutdown: Shutdown,
     // Declared last: dropped after the platform stopped.
-    _databases: database::Databases,
+    databases: database::Databases,
     _vhost: broker::Vhost,
     _broker: broker::BrokerGuard,
 }
@@ -63,6 +63,16 @@ impl Options {
 pub fn test_catalog() -> Catalog {
     let item = |sku: &str, price_cents, stock| CatalogItem { sku: sku.into(), name: format!("{sku} name"), price_cents, stock };
     Catalog::new(vec![item("SKU-1", 1_800, 1_000_000), item("SKU-2", 1_200, 1_000), item("SKU-LIMITED", 2_500, 5)]).unwrap()
+}
+
+/// Writes `catalog` as the JSON file `SLUICE_CATALOG` names (`[{"sku","name","price_cents","stock"}]`).
+pub fn write_catalog(catalog: &Catalog, path: &std::path::Path) {
+    let items: Vec<serde_json::Value> = catalog
+        .items()
+        .iter()
+        .map(|i| serde_json::json!({"sku": i.sku, "name": i.name, "price_cents": i.price_cents, "stock": i.stock}))
+        .collect();
+    std::fs::write(path, serde_json::to_string(&items).expect("JSON")).expect("writing the catalog");
 }
 
 /// A valid order for `quantity` units of `sku`.
@@ -173,7 +183,7 @@ impl TestApp {
             proxy,
             services,
             shutdown,
-            _databases: databases,
+            databases,
             _vhost: vhost,
             _broker: guard,
         }
@@ -193,13 +203,8 @@ impl TestApp {
             ("SLUICE_OPS_ADDR".to_owned(), "off".to_owned()),
         ];
         if let Some(catalog) = &service.catalog {
-            let path = std::env::temp_dir().join(format!("sluice-catalog-{}.json", uuid::Uuid::new_v4().simple()));
-            let items: Vec<serde_json::Value> = catalog
-                .items()
-                .iter()
-                .map(|i| serde_json::json!({"sku": i.sku, "name": i.name, "price_cents": i.price_cents, "stock": i.stock}))
-                .collect();
-            std::fs::write(&path, serde_json::to_string(&items).unwrap()).unwrap();
+            let path = self.databases.file("catalog.json");
+            write_catalog(catalog, &path);
             env.push(("SLUICE_CATALOG".to_owned(), path.display().to_string()));
         }
         env
