@@ -13,6 +13,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
           target/release/sluice-notification target/release/sluice-orders target/release/sluice /out/
 
 FROM debian:bookworm-slim
+# The system's root certificates, which amqps:// trusts (besides SLUICE_AMQP_CA_FILE).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --home /var/lib/sluice --create-home sluice
 COPY --from=build /out/ /usr/local/bin/
 USER sluice

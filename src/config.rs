@@ -3,9 +3,11 @@
 //! Every variable is parsed at the edge; an invalid value stops the process at start-up with a
 //! message naming the variable. Nothing deeper in the code reads `std::env`.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, path::Path, str::FromStr, time::Duration};
 
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
+
+use crate::bus::tls;
 
 /// Where configuration values come from: the process environment, or a map in tests.
 pub trait Source {
@@ -127,7 +129,9 @@ impl RetryPolicy {
 /// Everything the bus needs to reach RabbitMQ and shape its queues.
 #[derive(Clone)]
 pub struct BusConfig {
-    /// `amqp://user:pass@host:port/vhost`. Holds a password: never logged (see `Debug`).
+    /// `amqp://user:pass@host:port/vhost`, or `amqps://` for TLS. Holds a password: never
+    /// logged (see `Debug`). A private CA rides in it as `?cacertfile=<PEM file>` (see
+    /// [`BusConfig::with_ca_file`]), so every connection of the process trusts it.
     pub url: String,
     /// Unacknowledged deliveries per handler queue; also the handler concurrency per queue.
     pub prefetch: u16,
@@ -169,15 +173,20 @@ pub fn redact(url: &str) -> String {
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 impl BusConfig {
-    /// Reads `SLUICE_AMQP_URL`, `SLUICE_PREFETCH`, `SLUICE_QUEUE_TYPE`, `SLUICE_RETRY_BASE_MS`,
-    /// `SLUICE_RETRY_FACTOR`, `SLUICE_RETRY_MAX_DELAY_MS`, `SLUICE_RETRY_MAX_ATTEMPTS` and
-    /// `SLUICE_CONFIRM_TIMEOUT_MS`.
+    /// Reads `SLUICE_AMQP_URL`, `SLUICE_AMQP_CA_FILE`, `SLUICE_PREFETCH`, `SLUICE_QUEUE_TYPE`,
+    /// `SLUICE_RETRY_BASE_MS`, `SLUICE_RETRY_FACTOR`, `SLUICE_RETRY_MAX_DELAY_MS`,
+    /// `SLUICE_RETRY_MAX_ATTEMPTS` and `SLUICE_CONFIRM_TIMEOUT_MS`.
     pub fn from_source(source: &impl Source) -> Result<Self, ConfigError> {
-        let url = source.get("SLUICE_AMQP_URL").unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+        let mut url = source.get("SLUICE_AMQP_URL").unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
         let uri = AMQPUri::from_str(&url)
             .map_err(|e| ConfigError::new("SLUICE_AMQP_URL", redact(&url), e))?;
         if uri.vhost.is_empty() {
             return Err(ConfigError::new("SLUICE_AMQP_URL", redact(&url), "the URL names no vhost"));
+        }
+        if let Some(ca_file) = source.get("SLUICE_AMQP_CA_FILE") {
+            url = trust_ca_file(&url, Path::new(&ca_file), "SLUICE_AMQP_CA_FILE")?;
+        } else if let Some(ca_file) = tls::ca_file_of(&url) {
+            url = trust_ca_file(&url, &ca_file, "SLUICE_AMQP_URL")?;
         }
         let prefetch: u16 = parse_or(source, "SLUICE_PREFETCH", 32)?;
         if prefetch == 0 {
@@ -212,6 +221,13 @@ impl BusConfig {
         Self::from_source(&Env)
     }
 
+    /// Trusts the CA certificates of the PEM file `path` on top of the system's roots, for an
+    /// `amqps://` broker whose certificate a private CA signed. The file is checked now.
+    pub fn with_ca_file(self, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let url = trust_ca_file(&self.url, path.as_ref(), "SLUICE_AMQP_CA_FILE")?;
+        Ok(Self { url, ..self })
+    }
+
     /// Defaults, pointed at `url` (tests use a fresh vhost per test).
     pub fn for_url(url: impl Into<String>) -> Self {
         Self {
@@ -222,6 +238,17 @@ impl BusConfig {
             confirm_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// `url` with the checked CA file `path` in it; a refusal names the variable `name`.
+fn trust_ca_file(url: &str, path: &Path, name: &'static str) -> Result<String, ConfigError> {
+    let shown = path.display().to_string();
+    match AMQPUri::from_str(url) {
+        Ok(uri) if uri.scheme == AMQPScheme::AMQPS => {}
+        _ => return Err(ConfigError::new(name, shown, "a CA file needs an amqps:// SLUICE_AMQP_URL")),
+    }
+    tls::read_ca_file(path).map_err(|reason| ConfigError::new(name, shown.clone(), reason))?;
+    tls::with_ca_file(url, path).map_err(|reason| ConfigError::new(name, shown, reason))
 }
 
 /// Where a service keeps its state.
@@ -258,6 +285,19 @@ mod tests {
         assert!(err.to_string().contains("quorum"), "{err}");
         let err = database_url(&[("DATABASE_URL", "mysql://x")], "orders").unwrap_err();
         assert_eq!(err.name, "DATABASE_URL");
+    }
+
+    #[test]
+    fn a_ca_file_is_checked_at_start_up_and_named_when_refused() {
+        let err = BusConfig::from_source(&[("SLUICE_AMQP_CA_FILE", "/nonexistent/ca.pem")]).unwrap_err();
+        assert_eq!(err.name, "SLUICE_AMQP_CA_FILE");
+        assert!(err.reason.contains("amqps://"), "the default URL is plain amqp: {err}");
+        let amqps = [("SLUICE_AMQP_URL", "amqps://u:p@broker/v"), ("SLUICE_AMQP_CA_FILE", "/nonexistent/ca.pem")];
+        let err = BusConfig::from_source(&amqps).unwrap_err();
+        assert_eq!(err.name, "SLUICE_AMQP_CA_FILE");
+        assert!(err.reason.contains("cannot read"), "{err}");
+        let err = BusConfig::from_source(&[("SLUICE_AMQP_URL", "amqps://u:p@broker/v?cacertfile=/nonexistent/ca.pem")]).unwrap_err();
+        assert_eq!(err.name, "SLUICE_AMQP_URL");
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::{net::SocketAddr, time::Duration};
 use sluice::config::{BusConfig, ConfigError, Env, Source, parse_or};
 use sluice::telemetry::TelemetryConfig;
 
+use crate::tls::ServerTls;
+
 /// Everything the gateway needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -24,6 +26,8 @@ pub struct Config {
     pub ops_addr: Option<SocketAddr>,
     /// `SLUICE_AUTH_TOKENS`: a JSON file of token hashes and grants; unset means no auth.
     pub auth_tokens: Option<String>,
+    /// `SLUICE_TLS_CERT` and `SLUICE_TLS_KEY`: serve gRPC over TLS; unset means plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 /// Default port of the gateway's health endpoint.
@@ -50,6 +54,7 @@ impl Config {
             max_concurrent_requests,
             ops_addr: sluice::ops::ops_addr(source, OPS_PORT)?,
             auth_tokens: source.get("SLUICE_AUTH_TOKENS"),
+            tls: ServerTls::from_source(source)?,
         })
     }
 
@@ -64,6 +69,7 @@ impl Config {
             max_concurrent_requests: 1024,
             ops_addr: None,
             auth_tokens: None,
+            tls: None,
         }
     }
 }

@@ -13,6 +13,7 @@ mod events;
 mod metrics;
 mod orders;
 mod shed;
+mod tls;
 mod validation;
 
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ pub use config::Config;
 pub use error::GatewayError;
 pub use events::Events;
 pub use orders::Orders;
+pub use tls::ServerTls;
 
 use sluice::bus::{Publisher, RpcClient};
 use sluice::pb::{FILE_DESCRIPTOR_SET, event_gateway_server::EventGatewayServer, order_service_server::OrderServiceServer};
@@ -53,6 +55,9 @@ pub enum StartError {
     /// The server failed.
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The TLS certificate and key could not be loaded into the server.
+    #[error("SLUICE_TLS_CERT/SLUICE_TLS_KEY: {0}")]
+    Tls(#[source] tonic::transport::Error),
     /// The token file is unusable.
     #[error("SLUICE_AUTH_TOKENS: {0}")]
     Auth(#[from] auth::AuthConfigError),
@@ -91,6 +96,10 @@ impl Gateway {
 
     /// Serves until `shutdown`, then lets in-flight calls finish and closes the connections.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
+        let mut server = Server::builder();
+        if let Some(tls) = &self.config.tls {
+            server = server.tls_config(tls.server_config()).map_err(StartError::Tls)?;
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout, shutdown.token())
             .with_auth(self.auth.clone());
@@ -139,12 +148,12 @@ impl Gateway {
                 }
             });
         }
-        tracing::info!(addr = %self.local_addr, "gateway serving");
+        tracing::info!(addr = %self.local_addr, tls = self.config.tls.is_some(), "gateway serving");
         let layers = tower::ServiceBuilder::new()
             .layer(metrics::RequestMetricsLayer)
             .layer(shed::ShedLayer::new(self.config.max_concurrent_requests))
             .into_inner();
-        let served = Server::builder()
+        let served = server
             .timeout(self.config.request_timeout)
             .trace_fn(trace_span)
             .layer(layers)

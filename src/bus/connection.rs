@@ -183,9 +183,13 @@ impl<S: Session> Supervisor<S> {
     }
 }
 
-async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
+/// Opens one connection named `name` (shown in the broker's connection list). An `amqps://`
+/// URL connects over TLS, trusting the system's roots plus the URL's `cacertfile`, if any
+/// (see [`super::tls`]).
+pub(crate) async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url, properties).await?)
+    let (url, tls) = super::tls::client_config(url)?;
+    Ok(Connection::connect_with_config(&url, properties, tls, lapin::runtime::default_runtime()?).await?)
 }
 
 /// Exponential backoff with full jitter (AWS architecture blog's "full jitter").

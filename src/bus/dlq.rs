@@ -20,7 +20,7 @@
 use std::{str::FromStr, time::Duration};
 
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    BasicProperties, Channel, Confirmation, Connection, ErrorKind,
     message::Delivery,
     options::{
         BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -153,8 +153,7 @@ impl DeadLetters {
     pub async fn connect(config: &BusConfig) -> Result<Self, Error> {
         let uri = AMQPUri::from_str(&config.url)
             .map_err(|e| Error::InvalidName(format!("AMQP URL {}: {e}", redact(&config.url))))?;
-        let properties = ConnectionProperties::default().with_connection_name("sluice-dlq".into());
-        let connection = Connection::connect(&config.url, properties).await?;
+        let connection = super::connection::connect(&config.url, "sluice-dlq").await?;
         Ok(Self { connection, uri, confirm_timeout: config.confirm_timeout })
     }
 

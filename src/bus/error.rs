@@ -57,6 +57,9 @@ pub enum Error {
     /// A name (queue, header) exceeded AMQP's limits or was otherwise unusable.
     #[error("invalid name: {0}")]
     InvalidName(String),
+    /// The TLS settings of an `amqps://` URL are unusable (an unreadable or invalid CA file).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {

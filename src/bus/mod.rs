@@ -26,6 +26,7 @@ mod relay;
 mod spans;
 pub mod rpc;
 pub mod tap;
+pub mod tls;
 pub mod topology;
 
 pub use consumer::{Consumer, ConsumerBuilder};

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use futures_util::StreamExt;
 use lapin::{
-    Connection, ConnectionProperties,
+    Connection,
     message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
@@ -68,7 +68,7 @@ pub struct Tap {
 impl Tap {
     /// Opens a tap. Events published after this returns are seen.
     pub async fn open(config: &BusConfig, patterns: &[&str]) -> Result<Self, Error> {
-        let connection = Connection::connect(&config.url, ConnectionProperties::default().with_connection_name("sluice.tap".into())).await?;
+        let connection = super::connection::connect(&config.url, "sluice.tap").await?;
         let channel = connection.create_channel().await?;
         topology::declare_exchange(&channel).await?;
         channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;

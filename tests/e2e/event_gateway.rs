@@ -4,10 +4,16 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use lapin::{Connection, ConnectionProperties, options::{QueueBindOptions, QueueDeclareOptions}, types::FieldTable};
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
 use prost::Message as _;
+use sluice::bus::{Envelope, TraceContext, topology::EXCHANGE};
 use sluice::config::BusConfig;
 use sluice::events::{
+    Event as _,
     InventoryRejected, InventoryReleased, InventoryReserved, NotificationSent, OrderCreated, PaymentCaptured, PaymentDeclined,
 };
 use sluice::pb::{
@@ -208,6 +214,50 @@ async fn subscribers_see_live_events_matching_their_patterns_and_leave_no_queue(
     tokio::time::timeout(Duration::from_secs(10), app.stop()).await.expect("shutdown with a subscriber open");
     let ended = open.next().await.expect("a final status").expect_err("the stream ends with an error");
     assert_eq!(ended.code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_receives_the_trace_id_of_the_producer() {
+    let app = Bare::start().await;
+    let mut stream =
+        app.client.clone().subscribe(SubscribeRequest { patterns: vec!["payment.captured".into()] }).await.unwrap().into_inner();
+
+    // Another producer, not the gateway, publishes inside its own trace: the bus's wire format
+    // (properties, CloudEvents and W3C headers) straight onto the exchange.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let paid = PaymentCaptured { order_id: "o-7".into(), amount_cents: 3_600, ..Default::default() };
+    let mut traced = Envelope::of(&paid, "evt-traced");
+    traced.trace = TraceContext { traceparent: Some(format!("00-{trace_id}-00f067aa0ba902b7-01")), tracestate: Some("vendor=1".into()) };
+    let mut untraced = Envelope::of(&paid, "evt-untraced");
+    untraced.trace = TraceContext::default();
+    let connection = Connection::connect(&app.bus.url, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    for envelope in [&traced, &untraced] {
+        let confirm = channel
+            .basic_publish(
+                EXCHANGE.into(),
+                PaymentCaptured::ROUTING_KEY.into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &envelope.body,
+                envelope.properties("billing"),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(matches!(confirm, lapin::Confirmation::Ack(None)), "routed to the subscriber's queue: {confirm:?}");
+    }
+
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.event_id, "evt-traced");
+    assert_eq!(first.trace_id, trace_id, "the producer's trace id, from its traceparent header");
+    let second = stream.next().await.unwrap().unwrap();
+    assert_eq!(second.event_id, "evt-untraced");
+    assert_eq!(second.trace_id, "", "no traceparent, no trace id");
+    let _ = connection.close(200, "done".into()).await;
+    drop(stream);
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,4 +18,5 @@ mod metrics;
 mod placing_orders;
 mod platform;
 mod poison_messages;
+mod tls;
 mod tracing;

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod database;
 pub mod load;
 pub mod proxy;
+pub mod tls;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -33,6 +34,8 @@ pub struct TestApp {
     pub rpc: RpcClient,
     /// Between the platform and RabbitMQ, when spawned with `Options::proxy`.
     pub proxy: Option<proxy::Proxy>,
+    /// The TLS proxy every platform connection goes through, when spawned with `Options::amqps`.
+    pub amqps: Option<tls::Amqps>,
     services: Vec<Service>,
     shutdown: Shutdown,
     // Declared last: dropped after the platform stopped.
@@ -51,11 +54,14 @@ pub struct Options {
     pub exclusive: bool,
     /// Services the test runs itself (as processes, see `service_env`), not in-process.
     pub external: Vec<&'static str>,
+    /// Reach the broker over `amqps://` through a TLS-terminating proxy, trusting a CA made
+    /// for the test (`SLUICE_AMQP_CA_FILE`).
+    pub amqps: bool,
 }
 
 impl Options {
     pub fn new(backend: Backend) -> Self {
-        Self { backend, catalog: test_catalog(), proxy: false, exclusive: false, external: Vec::new() }
+        Self { backend, catalog: test_catalog(), proxy: false, exclusive: false, external: Vec::new(), amqps: false }
     }
 }
 
@@ -149,6 +155,11 @@ impl TestApp {
             platform_bus.url = proxy.url(&vhost.name);
             platform_bus.confirm_timeout = Duration::from_secs(2);
         }
+        let amqps = if options.amqps { Some(tls::Amqps::start().await) } else { None };
+        if let Some(amqps) = &amqps {
+            platform_bus.url = amqps.proxy.url(&vhost.name);
+            platform_bus = platform_bus.with_ca_file(amqps.pki.ca_file()).expect("the test CA is usable");
+        }
         let mut databases = database::Databases::new(options.backend);
         let shutdown = Shutdown::new();
         let mut services = Vec::new();
@@ -181,6 +192,7 @@ impl TestApp {
             bus,
             rpc,
             proxy,
+            amqps,
             services,
             shutdown,
             databases,
@@ -202,12 +214,23 @@ impl TestApp {
             ("SLUICE_RETRY_MAX_ATTEMPTS".to_owned(), bus.retry.max_attempts.to_string()),
             ("SLUICE_OPS_ADDR".to_owned(), "off".to_owned()),
         ];
+        if let Some(amqps) = &self.amqps {
+            // As an operator configures it: the plain amqps:// URL, and the CA file beside it.
+            let url = env.iter_mut().find(|(name, _)| name == "SLUICE_AMQP_URL").expect("the URL is set");
+            url.1 = amqps.proxy.url(&self._vhost.name);
+            env.push(("SLUICE_AMQP_CA_FILE".to_owned(), amqps.pki.ca_file().display().to_string()));
+        }
         if let Some(catalog) = &service.catalog {
             let path = self.databases.file("catalog.json");
             write_catalog(catalog, &path);
             env.push(("SLUICE_CATALOG".to_owned(), path.display().to_string()));
         }
         env
+    }
+
+    /// The test's vhost.
+    pub fn vhost(&self) -> &str {
+        &self._vhost.name
     }
 
     /// Stops one service cleanly (SIGTERM-like) and waits for it.
