@@ -18,5 +18,6 @@ mod metrics;
 mod placing_orders;
 mod platform;
 mod poison_messages;
+mod readme;
 mod tls;
 mod tracing;

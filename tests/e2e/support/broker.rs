@@ -60,6 +60,18 @@ pub fn amqp_addr() -> std::net::SocketAddr {
     hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).expect("SLUICE_TEST_AMQP names a reachable host:port")
 }
 
+/// The routing keys bound to `exchange` in `vhost`, as the management API lists them
+/// (bindings are listed at once, unlike the API's statistics).
+pub fn binding_keys(vhost: &str, exchange: &str) -> Vec<String> {
+    let mut response = agent()
+        .get(format!("{}/api/exchanges/{vhost}/{exchange}/bindings/source", api_base()))
+        .header("Authorization", authorization())
+        .call()
+        .expect("listing bindings");
+    let bindings: Vec<serde_json::Value> = response.body_mut().read_json().unwrap_or_default();
+    bindings.iter().filter_map(|b| b["routing_key"].as_str().map(str::to_owned)).collect()
+}
+
 /// A vhost that exists for the lifetime of this value.
 #[derive(Debug)]
 pub struct Vhost {
