@@ -135,6 +135,10 @@ pub struct BusConfig {
     pub url: String,
     /// Unacknowledged deliveries per handler queue; also the handler concurrency per queue.
     pub prefetch: u16,
+    /// Most deliveries of one queue handled in one database transaction (`SLUICE_BATCH`).
+    /// `None` picks by database: SQLite (one writer) batches up to `prefetch`, one batch at a
+    /// time per queue; PostgreSQL runs one transaction per delivery, `prefetch` at a time.
+    pub batch: Option<u16>,
     /// Type of the durable handler queues and dead-letter queues.
     pub queue_type: QueueType,
     /// Retry backoff for handlers that ask to retry.
@@ -148,6 +152,7 @@ impl fmt::Debug for BusConfig {
         f.debug_struct("BusConfig")
             .field("url", &redact(&self.url))
             .field("prefetch", &self.prefetch)
+            .field("batch", &self.batch)
             .field("queue_type", &self.queue_type)
             .field("retry", &self.retry)
             .field("confirm_timeout", &self.confirm_timeout)
@@ -207,9 +212,14 @@ impl BusConfig {
             ));
         }
         let confirm_ms: u64 = parse_or(source, "SLUICE_CONFIRM_TIMEOUT_MS", 5_000)?;
+        let batch: Option<u16> = source.get("SLUICE_BATCH").map(|_| parse_or(source, "SLUICE_BATCH", 1)).transpose()?;
+        if batch == Some(0) {
+            return Err(ConfigError::new("SLUICE_BATCH", "0", "must be at least 1"));
+        }
         Ok(Self {
             url,
             prefetch,
+            batch,
             queue_type: parse_or(source, "SLUICE_QUEUE_TYPE", QueueType::Quorum)?,
             retry,
             confirm_timeout: Duration::from_millis(confirm_ms.max(1)),
@@ -233,6 +243,7 @@ impl BusConfig {
         Self {
             url: url.into(),
             prefetch: 32,
+            batch: None,
             queue_type: QueueType::Quorum,
             retry: RetryPolicy::default(),
             confirm_timeout: Duration::from_secs(5),

@@ -11,6 +11,14 @@
 //! | `Retry`, attempts exhausted; `Reject`; undecodable body; unknown `type` | rolled back | copy to `<queue>.dlq` with reason headers, confirmed, then ack |
 //! | the move above fails, or the process dies mid-way | rolled back | not acked: the broker redelivers |
 //!
+//! Batches (SQLite by default, see [`BusConfig::batch`]): the deliveries that are waiting when a
+//! queue's worker is free (at most the batch size) run one after the other in one transaction,
+//! each inside a savepoint. A failed handler rolls back to its savepoint and gets the outcome
+//! above; the others commit together and are then acknowledged. If a handler panics, the whole
+//! batch rolls back: the panicking delivery is retried and the others are returned to the
+//! queue (`nack` + requeue), to run again from scratch. Deliveries of a batch not yet started
+//! when shutdown begins are left unacknowledged and return to the queue.
+//!
 //! Nothing is acknowledged before its outcome is durable, so a crash at any point leads to a
 //! redelivery, never a loss, and the inbox turns the redelivery into a no-op if the effect
 //! had already committed.
@@ -25,6 +33,7 @@ use lapin::{
     options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
+use sqlx::{Any, Transaction};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -43,6 +52,10 @@ enum Outcome {
     Ack,
     Retry(String),
     DeadLetter { reason: &'static str, error: String },
+    /// Back to the queue now, untouched (its batch rolled back for another delivery's panic).
+    Requeue,
+    /// Not started before shutdown: no ack, so it returns to the queue with the channel.
+    Leave,
 }
 
 /// Shared by every delivery of a consumer.
@@ -58,6 +71,9 @@ trait Route: Send + Sync + 'static {
     fn queue(&self) -> &str;
     fn routing_key(&self) -> &'static str;
     fn process<'a>(&'a self, delivery: &'a Delivery, shared: &'a Shared) -> BoxFuture<'a, Outcome>;
+    /// Handles `deliveries` in one transaction; one outcome per delivery, in order.
+    fn process_batch<'a>(&'a self, deliveries: &'a [Delivery], shared: &'a Shared, intake: &'a CancellationToken)
+    -> BoxFuture<'a, Vec<Outcome>>;
 }
 
 struct TypedRoute<E, H> {
@@ -78,58 +94,190 @@ impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
 
     fn process<'a>(&'a self, delivery: &'a Delivery, shared: &'a Shared) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            let properties = &delivery.properties;
-            let type_name = properties.kind().as_ref().map(|s| s.as_str()).unwrap_or("");
-            if type_name != E::FULL_NAME {
-                return Outcome::DeadLetter {
-                    reason: "unknown-type",
-                    error: format!("expected type {}, got {type_name:?}", E::FULL_NAME),
-                };
-            }
-            let event = match E::decode(delivery.data.as_slice()) {
-                Ok(event) => event,
-                Err(error) => return Outcome::DeadLetter { reason: "undecodable", error: error.to_string() },
+            let (event, meta, span) = match self.prepare(delivery, shared) {
+                Ok(prepared) => prepared,
+                Err(outcome) => return outcome,
             };
-            let Some(event_id) = properties.message_id().as_ref().map(|s| s.to_string()).filter(|s| !s.is_empty()) else {
-                return Outcome::DeadLetter { reason: "missing-message-id", error: "the message has no message_id".into() };
-            };
-            let empty = FieldTable::default();
-            let hdrs = properties.headers().as_ref().unwrap_or(&empty);
-            let meta = Metadata {
-                event_id: event_id.clone(),
-                routing_key: headers::header_str(hdrs, headers::ORIGINAL_ROUTING_KEY)
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| E::ROUTING_KEY.to_owned()),
-                correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
-                occurred_at: headers::header_str(hdrs, "cloudEvents_time")
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or_else(headers::now),
-                attempt: headers::header_u32(hdrs, headers::ATTEMPT).unwrap_or(1),
-                handler: self.name.clone(),
-                queue: self.queue.clone(),
-            };
-            let order_id = meta.correlation_id.clone().unwrap_or_default();
-            let delivered = spans::Delivered {
-                queue: &self.queue,
-                routing_key: &meta.routing_key,
-                message_id: &event_id,
-                order_id: &order_id,
-                handler: &self.name,
-                attempt: meta.attempt,
-            };
-            let span = spans::consumer(&delivered, hdrs, &shared.server);
             let outcome = self.run_handler(event, meta, shared).instrument(span.clone()).await;
-            match &outcome {
-                Outcome::Ack => {}
-                Outcome::Retry(error) => spans::fail(&span, error),
-                Outcome::DeadLetter { error, .. } => spans::fail(&span, error),
-            }
+            mark_failure(&span, &outcome);
             outcome
+        })
+    }
+
+    fn process_batch<'a>(&'a self, deliveries: &'a [Delivery], shared: &'a Shared, intake: &'a CancellationToken)
+    -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let mut outcomes: Vec<Option<Outcome>> = deliveries.iter().map(|_| None).collect();
+            let mut prepared = Vec::with_capacity(deliveries.len());
+            for (i, delivery) in deliveries.iter().enumerate() {
+                match self.prepare(delivery, shared) {
+                    Ok((event, meta, span)) => prepared.push((i, event, meta, span)),
+                    Err(outcome) => outcomes[i] = Some(outcome),
+                }
+            }
+            if prepared.len() == 1 {
+                if let Some((i, event, meta, span)) = prepared.pop() {
+                    let outcome = self.run_handler(event, meta, shared).instrument(span.clone()).await;
+                    mark_failure(&span, &outcome);
+                    outcomes[i] = Some(outcome);
+                }
+            } else if !prepared.is_empty() {
+                self.run_batch(prepared, shared, intake, &mut outcomes).await;
+            }
+            outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Leave)).collect()
         })
     }
 }
 
+/// Marks a delivery's span as failed when its outcome is a failure.
+fn mark_failure(span: &tracing::Span, outcome: &Outcome) {
+    match outcome {
+        Outcome::Retry(error) | Outcome::DeadLetter { error, .. } => spans::fail(span, error),
+        Outcome::Ack | Outcome::Requeue | Outcome::Leave => {}
+    }
+}
+
 impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
+    /// Checks and decodes a delivery, and opens its consumer span; `Err` is its outcome when it
+    /// cannot be handled at all (dead letter).
+    fn prepare(&self, delivery: &Delivery, shared: &Shared) -> Result<(E, Metadata, tracing::Span), Outcome> {
+        let properties = &delivery.properties;
+        let type_name = properties.kind().as_ref().map(|s| s.as_str()).unwrap_or("");
+        if type_name != E::FULL_NAME {
+            return Err(Outcome::DeadLetter {
+                reason: "unknown-type",
+                error: format!("expected type {}, got {type_name:?}", E::FULL_NAME),
+            });
+        }
+        let event = E::decode(delivery.data.as_slice())
+            .map_err(|error| Outcome::DeadLetter { reason: "undecodable", error: error.to_string() })?;
+        let Some(event_id) = properties.message_id().as_ref().map(|s| s.to_string()).filter(|s| !s.is_empty()) else {
+            return Err(Outcome::DeadLetter { reason: "missing-message-id", error: "the message has no message_id".into() });
+        };
+        let empty = FieldTable::default();
+        let hdrs = properties.headers().as_ref().unwrap_or(&empty);
+        let meta = Metadata {
+            event_id: event_id.clone(),
+            routing_key: headers::header_str(hdrs, headers::ORIGINAL_ROUTING_KEY)
+                .map(str::to_owned)
+                .unwrap_or_else(|| E::ROUTING_KEY.to_owned()),
+            correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+            occurred_at: headers::header_str(hdrs, "cloudEvents_time")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(headers::now),
+            attempt: headers::header_u32(hdrs, headers::ATTEMPT).unwrap_or(1),
+            handler: self.name.clone(),
+            queue: self.queue.clone(),
+        };
+        let order_id = meta.correlation_id.clone().unwrap_or_default();
+        let delivered = spans::Delivered {
+            queue: &self.queue,
+            routing_key: &meta.routing_key,
+            message_id: &event_id,
+            order_id: &order_id,
+            handler: &self.name,
+            attempt: meta.attempt,
+        };
+        let span = spans::consumer(&delivered, hdrs, &shared.server);
+        Ok((event, meta, span))
+    }
+
+    /// Runs prepared deliveries in one transaction, each in a savepoint, and fills in their
+    /// outcomes (see the module's table).
+    async fn run_batch(
+        &self,
+        prepared: Vec<(usize, E, Metadata, tracing::Span)>,
+        shared: &Shared,
+        intake: &CancellationToken,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        let mut tx = match shared.store.begin().await {
+            Ok(tx) => tx,
+            Err(error) => {
+                for (i, ..) in &prepared {
+                    outcomes[*i] = Some(Outcome::Retry(format!("opening a transaction: {error}")));
+                }
+                return;
+            }
+        };
+        let mut emitted_any = false;
+        let mut ran = Vec::with_capacity(prepared.len());
+        for (i, event, meta, span) in prepared {
+            if intake.is_cancelled() {
+                outcomes[i] = Some(Outcome::Leave);
+                continue;
+            }
+            let step = self.run_in_savepoint(tx, event, meta).instrument(span.clone()).await;
+            match step {
+                Step::Done { tx: back, outcome, emitted } => {
+                    tx = back;
+                    emitted_any |= emitted;
+                    mark_failure(&span, &outcome);
+                    if matches!(outcome, Outcome::Ack) {
+                        ran.push(i);
+                    }
+                    outcomes[i] = Some(outcome);
+                }
+                Step::Broken(outcome) => {
+                    // The transaction is gone (a panic, or the connection failed mid-way):
+                    // nothing of the batch committed. This delivery keeps its own outcome; the
+                    // others run again from scratch.
+                    mark_failure(&span, &outcome);
+                    for slot in outcomes.iter_mut() {
+                        if matches!(slot, Some(Outcome::Ack) | None) {
+                            *slot = Some(Outcome::Requeue);
+                        }
+                    }
+                    outcomes[i] = Some(outcome);
+                    return;
+                }
+            }
+        }
+        if let Err(error) = tx.commit().await {
+            for i in ran {
+                outcomes[i] = Some(Outcome::Retry(format!("committing: {error}")));
+            }
+            return;
+        }
+        if emitted_any {
+            shared.store.wake_relay();
+        }
+    }
+
+    /// One delivery of a batch: savepoint, inbox claim, handler, outbox; rolled back to the
+    /// savepoint if anything fails.
+    async fn run_in_savepoint(&self, mut tx: Transaction<'static, Any>, event: E, meta: Metadata) -> Step {
+        if let Err(error) = sqlx::query("SAVEPOINT sluice_delivery").execute(&mut *tx).await {
+            return Step::Broken(Outcome::Retry(format!("opening a savepoint: {error}")));
+        }
+        match store::claim(&mut tx, &meta.event_id, &self.name).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!("duplicate delivery acknowledged without effect");
+                return Step::Done { tx, outcome: Outcome::Ack, emitted: false };
+            }
+            Err(error) => return Step::Broken(Outcome::Retry(format!("recording the inbox entry: {error}"))),
+        }
+        let mut ctx = Context::new(tx, meta);
+        let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
+        let (mut tx, emitted) = ctx.into_parts();
+        let outcome = match result {
+            Ok(Ok(())) => match store::stage(&mut tx, &emitted).await {
+                Ok(()) => return Step::Done { tx, outcome: Outcome::Ack, emitted: !emitted.is_empty() },
+                Err(error) => Outcome::Retry(format!("staging emitted events: {error}")),
+            },
+            Ok(Err(error)) => handler_failure(error),
+            Err(panic) => return Step::Broken(Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic)))),
+        };
+        match sqlx::query("ROLLBACK TO SAVEPOINT sluice_delivery").execute(&mut *tx).await {
+            Ok(_) => Step::Done { tx, outcome, emitted: false },
+            Err(error) => {
+                tracing::warn!(%error, "rolling back to a savepoint");
+                Step::Broken(outcome)
+            }
+        }
+    }
+
     async fn run_handler(&self, event: E, meta: Metadata, shared: &Shared) -> Outcome {
         let event_id = meta.event_id.clone();
         let mut tx = match shared.store.begin().await {
@@ -161,18 +309,35 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                 tracing::debug!(emitted = emitted.len(), "handled");
                 Outcome::Ack
             }
-            Ok(Err(HandlerError::Retry(error))) => Outcome::Retry(error_chain(&*error)),
-            Ok(Err(HandlerError::Reject(error))) => Outcome::DeadLetter { reason: "rejected", error: error_chain(&*error) },
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Outcome::Retry(format!("handler panicked: {message}"))
-            }
+            Ok(Err(error)) => handler_failure(error),
+            Err(panic) => Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic))),
         }
     }
+}
+
+/// Where a batched delivery left its batch's transaction.
+enum Step {
+    /// The transaction goes on; this delivery's work is in it (`Ack`) or rolled back.
+    Done { tx: Transaction<'static, Any>, outcome: Outcome, emitted: bool },
+    /// The transaction is unusable; the batch must roll back.
+    Broken(Outcome),
+}
+
+/// What the bus does when a handler returns an error.
+fn handler_failure(error: HandlerError) -> Outcome {
+    match error {
+        HandlerError::Retry(error) => Outcome::Retry(error_chain(&*error)),
+        HandlerError::Reject(error) => Outcome::DeadLetter { reason: "rejected", error: error_chain(&*error) },
+    }
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// `error: cause: cause`, for dead-letter headers and logs.
@@ -261,6 +426,10 @@ impl ConsumerBuilder {
             shared: shared.clone(),
             intake: intake.clone(),
             tracker: tracker.clone(),
+            batch: self.config.batch.unwrap_or(match self.store.backend() {
+                store::Backend::Sqlite => self.config.prefetch,
+                store::Backend::Postgres => 1,
+            }),
         };
         let link = Link::open(&self.config.url, &format!("{}.consumer", self.service), session).await?;
         let relay_stop = CancellationToken::new();
@@ -280,6 +449,8 @@ struct Consuming {
     shared: Arc<Shared>,
     intake: CancellationToken,
     tracker: TaskTracker,
+    /// Deliveries per transaction (1: each delivery on its own, `prefetch` at a time).
+    batch: u16,
 }
 
 impl Session for Consuming {
@@ -303,21 +474,46 @@ impl Session for Consuming {
                 let route = route.clone();
                 let shared = self.shared.clone();
                 let (intake, tracker) = (self.intake.clone(), self.tracker.clone());
-                self.tracker.spawn(delivery_loop(stream, intake, tracker, move |delivery| {
-                    let (route, shared) = (route.clone(), shared.clone());
-                    async move {
-                        let metrics = crate::metrics::metrics();
-                        let label = crate::metrics::queue(route.queue());
-                        metrics.deliveries.get_or_create(&label).inc();
-                        let in_flight = metrics.in_flight.get_or_create(&label).clone();
-                        in_flight.inc();
-                        let started = std::time::Instant::now();
-                        let outcome = route.process(&delivery, &shared).await;
-                        settle(delivery, route.queue(), outcome, &shared).await;
-                        metrics.handler_latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
-                        in_flight.dec();
-                    }
-                }));
+                let batch = usize::from(self.batch);
+                if batch > 1 {
+                    let stop = intake.clone();
+                    self.tracker.spawn(batch_loop(stream, intake, batch, move |deliveries| {
+                        let (route, shared, stop) = (route.clone(), shared.clone(), stop.clone());
+                        async move {
+                            let metrics = crate::metrics::metrics();
+                            let label = crate::metrics::queue(route.queue());
+                            let count = deliveries.len() as u64;
+                            metrics.deliveries.get_or_create(&label).inc_by(count);
+                            let in_flight = metrics.in_flight.get_or_create(&label).clone();
+                            in_flight.inc_by(count as i64);
+                            let started = std::time::Instant::now();
+                            let outcomes = route.process_batch(&deliveries, &shared, &stop).await;
+                            let settled = deliveries.into_iter().zip(outcomes).map(|(d, o)| settle(d, route.queue(), o, &shared));
+                            futures_util::future::join_all(settled).await;
+                            let latency = metrics.handler_latency.get_or_create(&label);
+                            for _ in 0..count {
+                                latency.observe(started.elapsed().as_secs_f64());
+                            }
+                            in_flight.dec_by(count as i64);
+                        }
+                    }));
+                } else {
+                    self.tracker.spawn(delivery_loop(stream, intake, tracker, move |delivery| {
+                        let (route, shared) = (route.clone(), shared.clone());
+                        async move {
+                            let metrics = crate::metrics::metrics();
+                            let label = crate::metrics::queue(route.queue());
+                            metrics.deliveries.get_or_create(&label).inc();
+                            let in_flight = metrics.in_flight.get_or_create(&label).clone();
+                            in_flight.inc();
+                            let started = std::time::Instant::now();
+                            let outcome = route.process(&delivery, &shared).await;
+                            settle(delivery, route.queue(), outcome, &shared).await;
+                            metrics.handler_latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+                            in_flight.dec();
+                        }
+                    }));
+                }
                 consumers.push((channel, tag));
             }
             for serve in &self.serves {
@@ -373,6 +569,50 @@ where
     }
 }
 
+/// Pulls deliveries until intake stops or the channel dies, and hands them over in batches:
+/// whatever has arrived (at most `max`) when the previous batch is done. One batch at a time,
+/// so a queue's deliveries never contend for the database among themselves.
+async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, max: usize, handle: F)
+where
+    F: Fn(Vec<Delivery>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let next = tokio::select! {
+            _ = intake.cancelled() => return,
+            next = stream.next() => next,
+        };
+        let mut batch = match next {
+            Some(Ok(delivery)) => vec![delivery],
+            Some(Err(error)) => {
+                tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
+                return;
+            }
+            None => return,
+        };
+        let mut ended = false;
+        while batch.len() < max {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Err(error))) => {
+                    tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
+                    ended = true;
+                    break;
+                }
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        handle(batch).await;
+        if ended {
+            return;
+        }
+    }
+}
+
 /// Acts on an outcome. The only place that acks, retries or dead-letters.
 async fn settle(delivery: Delivery, queue: &str, outcome: Outcome, shared: &Shared) {
     let attempt = delivery
@@ -383,6 +623,13 @@ async fn settle(delivery: Delivery, queue: &str, outcome: Outcome, shared: &Shar
         .unwrap_or(1);
     let moved = match outcome {
         Outcome::Ack => Ok(()),
+        Outcome::Leave => return,
+        Outcome::Requeue => {
+            if let Err(error) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+                tracing::warn!(%error, queue, "returning a message to its queue failed");
+            }
+            return;
+        }
         Outcome::Retry(error) => match shared.config.retry.delay_after(attempt) {
             Some(delay) => {
                 tracing::warn!(%error, attempt, ?delay, queue, "handler failed; retrying later");

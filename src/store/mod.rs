@@ -65,10 +65,12 @@ impl Store {
                 // on the database lock (or fail with SQLITE_BUSY on lock upgrades).
                 AnyPoolOptions::new()
                     .max_connections(1)
+                    // A file cannot drop a connection: no ping before each transaction.
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(30))
                     .after_connect(|conn, _| {
                         Box::pin(async move {
-                            for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000", "PRAGMA foreign_keys=ON"] {
+                            for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000", "PRAGMA foreign_keys=ON", "PRAGMA temp_store=MEMORY"] {
                                 sqlx::query(pragma).execute(&mut *conn).await?;
                             }
                             Ok(())
@@ -163,11 +165,12 @@ impl Store {
 
     /// Deletes published rows.
     pub(crate) async fn mark_sent(&self, seqs: &[i64]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        for seq in seqs {
-            sqlx::query("DELETE FROM sluice_outbox WHERE seq = $1").bind(*seq).execute(&mut *tx).await?;
+        if seqs.is_empty() {
+            return Ok(());
         }
-        tx.commit().await
+        let sql = format!("DELETE FROM sluice_outbox WHERE seq IN {}", placeholders(1, seqs.len()));
+        let delete = seqs.iter().fold(sqlx::query(&sql), |query, seq| query.bind(*seq));
+        delete.execute(&self.pool).await.map(|_| ())
     }
 }
 
@@ -206,6 +209,16 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Res
     Ok(())
 }
 
+/// `($1, $2), ($3, $4)`: the VALUES of a multi-row INSERT of `rows` rows of `columns` columns,
+/// numbered the way both SQLite and PostgreSQL accept.
+pub fn placeholders(rows: usize, columns: usize) -> String {
+    let row = |r: usize| {
+        let cells: Vec<String> = (1..=columns).map(|c| format!("${}", r * columns + c)).collect();
+        format!("({})", cells.join(", "))
+    };
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_millis() -> i64 {
     SystemTime::now()
@@ -223,5 +236,17 @@ fn create_parent_dir(url: &str) {
     }
     if let Some(parent) = std::path::Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
         let _ = std::fs::create_dir_all(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placeholders;
+
+    #[test]
+    fn placeholders_number_every_cell_once_row_by_row() {
+        assert_eq!(placeholders(1, 1), "($1)");
+        assert_eq!(placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(0, 3), "");
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use sluice::events::{OrderItem, PricedLine};
+use sluice::store::placeholders;
 use sqlx::{AnyConnection, Row};
 
 /// Quantities per SKU, merged and sorted (the lock order).
@@ -31,17 +32,17 @@ pub async fn reserve(db: &mut AnyConnection, order_id: &str, items: &BTreeMap<St
     let mut unavailable = Vec::new();
     for (sku, quantity) in items {
         let taken = sqlx::query(
-            "UPDATE inventory_items SET available = available - $1, reserved = reserved + $1 WHERE sku = $2 AND available >= $1",
+            "UPDATE inventory_items SET available = available - $1, reserved = reserved + $1 WHERE sku = $2 AND available >= $1 \
+             RETURNING name, price_cents",
         )
         .bind(*quantity)
         .bind(sku)
-        .execute(&mut *db)
+        .fetch_optional(&mut *db)
         .await?;
-        if taken.rows_affected() == 0 {
+        let Some(row) = taken else {
             unavailable.push(sku.clone());
             continue;
-        }
-        let row = sqlx::query("SELECT name, price_cents FROM inventory_items WHERE sku = $1").bind(sku).fetch_one(&mut *db).await?;
+        };
         let unit: i64 = row.try_get("price_cents")?;
         held.push(PricedLine {
             sku: sku.clone(),
@@ -62,13 +63,14 @@ pub async fn reserve(db: &mut AnyConnection, order_id: &str, items: &BTreeMap<St
         }
         return Ok(Reservation::Unavailable(unavailable));
     }
-    for line in &held {
-        sqlx::query("INSERT INTO inventory_reservations (order_id, sku, quantity, state) VALUES ($1, $2, $3, 'reserved')")
-            .bind(order_id)
-            .bind(&line.sku)
-            .bind(i64::from(line.quantity))
-            .execute(&mut *db)
-            .await?;
+    if !held.is_empty() {
+        // Every line in one statement.
+        let sql = format!("INSERT INTO inventory_reservations (order_id, sku, quantity, state) VALUES {}", placeholders(held.len(), 4));
+        let mut insert = sqlx::query(&sql);
+        for line in &held {
+            insert = insert.bind(order_id).bind(&line.sku).bind(i64::from(line.quantity)).bind("reserved");
+        }
+        insert.execute(&mut *db).await?;
     }
     Ok(Reservation::Reserved(held))
 }
@@ -76,14 +78,19 @@ pub async fn reserve(db: &mut AnyConnection, order_id: &str, items: &BTreeMap<St
 /// Ends an order's reservations: `released` returns stock to `available`, `committed` drops
 /// it from `reserved` (it was sold). Returns the lines it ended; empty if already ended.
 pub async fn end_reservation(db: &mut AnyConnection, order_id: &str, release: bool) -> Result<Vec<OrderItem>, sqlx::Error> {
-    let rows = sqlx::query("SELECT sku, quantity FROM inventory_reservations WHERE order_id = $1 AND state = 'reserved' ORDER BY sku")
+    // Ending them first returns exactly the lines this call ends (none if already ended).
+    let mut rows = sqlx::query("UPDATE inventory_reservations SET state = $1 WHERE order_id = $2 AND state = 'reserved' RETURNING sku, quantity")
+        .bind(if release { "released" } else { "committed" })
         .bind(order_id)
         .fetch_all(&mut *db)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|row| Ok((row.try_get::<String, _>("sku")?, row.try_get::<i64, _>("quantity")?)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    // Sorted: the lock order of every stock change.
+    rows.sort();
     let mut ended = Vec::with_capacity(rows.len());
-    for row in rows {
-        let sku: String = row.try_get("sku")?;
-        let quantity: i64 = row.try_get("quantity")?;
+    for (sku, quantity) in rows {
         let sql = if release {
             "UPDATE inventory_items SET available = available + $1, reserved = reserved - $1 WHERE sku = $2"
         } else {
@@ -92,10 +99,5 @@ pub async fn end_reservation(db: &mut AnyConnection, order_id: &str, release: bo
         sqlx::query(sql).bind(quantity).bind(&sku).execute(&mut *db).await?;
         ended.push(OrderItem { sku, quantity: u32::try_from(quantity).unwrap_or(u32::MAX) });
     }
-    sqlx::query("UPDATE inventory_reservations SET state = $1 WHERE order_id = $2 AND state = 'reserved'")
-        .bind(if release { "released" } else { "committed" })
-        .bind(order_id)
-        .execute(&mut *db)
-        .await?;
     Ok(ended)
 }

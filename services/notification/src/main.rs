@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<ExitCode> {
     let config = sluice_notification::config_from_env()?;
     if let Some(code) = sluice::ops::health_subcommand(config.ops_addr).await {

@@ -46,6 +46,16 @@ pub fn rank(status: OrderStatus) -> u8 {
     }
 }
 
+/// [`rank`] as SQL over a column holding status numbers (unknown numbers rank 0).
+pub fn rank_sql(column: &str) -> String {
+    use OrderStatus::*;
+    let arms: String = [Unspecified, Pending, Reserved, Paid, Completed, Rejected, Declined]
+        .into_iter()
+        .map(|s| format!(" WHEN {} THEN {}", s as i32, rank(s)))
+        .collect();
+    format!("(CASE {column}{arms} ELSE 0 END)")
+}
+
 /// The status that follows from every implied status seen.
 pub fn derive(implied: impl IntoIterator<Item = OrderStatus>) -> OrderStatus {
     implied.into_iter().max_by_key(|s| rank(*s)).unwrap_or(OrderStatus::Unspecified)

@@ -3,6 +3,7 @@
 use sluice::bus::{Context, Handler, HandlerError};
 use sluice::pb::OrderStatus;
 use sqlx::Row;
+use std::sync::LazyLock;
 
 use crate::lifecycle::{self, Lifecycle};
 
@@ -27,55 +28,47 @@ impl<E: Lifecycle> Handler<E> for Projector {
             let t = &ctx.meta().occurred_at;
             t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos / 1_000))
         };
-        // Upsert with DO UPDATE, not DO NOTHING: it locks the order's row until this transaction
-        // commits, so two events of one order (projected concurrently from different queues)
-        // are applied one after the other. Without the lock, on PostgreSQL each would derive
-        // the status without seeing the other's history row, and the last to commit would win.
-        sqlx::query(
-            "INSERT INTO orders (order_id, customer_id, status, total_cents, reason, updated_at) VALUES ($1, $2, 0, 0, '', $3) \
-             ON CONFLICT (order_id) DO UPDATE SET updated_at = excluded.updated_at",
-        )
-        .bind(&order_id)
-        .bind(&change.customer_id)
-        .bind(now)
-        .execute(ctx.db())
-        .await?;
-        if !change.customer_id.is_empty() {
-            sqlx::query("UPDATE orders SET customer_id = $1 WHERE order_id = $2 AND customer_id = ''")
-                .bind(&change.customer_id)
-                .bind(&order_id)
-                .execute(ctx.db())
-                .await?;
-        }
-        if let Some((lines, total)) = &change.lines {
-            sqlx::query("DELETE FROM order_lines WHERE order_id = $1").bind(&order_id).execute(ctx.db()).await?;
-            for line in lines {
-                sqlx::query(
-                    "INSERT INTO order_lines (order_id, sku, name, quantity, unit_price_cents, line_total_cents) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(&order_id)
-                .bind(&line.sku)
-                .bind(&line.name)
-                .bind(i64::from(line.quantity))
-                .bind(line.unit_price_cents)
-                .bind(line.line_total_cents)
-                .execute(ctx.db())
-                .await?;
-            }
-            sqlx::query("UPDATE orders SET total_cents = $1 WHERE order_id = $2").bind(*total).bind(&order_id).execute(ctx.db()).await?;
-        }
-        if let Some(reason) = &change.reason {
-            sqlx::query("UPDATE orders SET reason = $1 WHERE order_id = $2").bind(reason).bind(&order_id).execute(ctx.db()).await?;
-        }
-        let mut implied: Vec<OrderStatus> = sqlx::query("SELECT implied FROM order_history WHERE order_id = $1")
+        // One statement for the order's row: created on the first event of the order, or
+        // updated under the row's lock, so events of one order projected concurrently (from
+        // different queues, on PostgreSQL) apply one after the other. The status is the
+        // strongest one implied by any event seen (see `lifecycle::rank`): the row already holds
+        // the strongest so far, so the new one is whichever of the two ranks higher.
+        let implied = change.implied.unwrap_or(OrderStatus::Unspecified);
+        let (total, has_total) = change.lines.as_ref().map_or((0, 0), |(_, total)| (*total, 1));
+        let (reason, has_reason) = change.reason.as_deref().map_or(("", 0), |r| (r, 1));
+        let status: i64 = sqlx::query(&UPSERT_ORDER)
             .bind(&order_id)
-            .fetch_all(ctx.db())
+            .bind(&change.customer_id)
+            .bind(i64::from(implied as i32))
+            .bind(total)
+            .bind(reason)
+            .bind(now)
+            .bind(has_total)
+            .bind(has_reason)
+            .bind(i64::from(lifecycle::rank(implied)))
+            .fetch_one(ctx.db())
             .await?
-            .iter()
-            .map(|row| row.try_get::<i64, _>("implied").map(status_of))
-            .collect::<Result<_, _>>()?;
-        implied.extend(change.implied);
-        let status = lifecycle::derive(implied);
+            .try_get("status")?;
+        if let Some((lines, _)) = change.lines.as_ref().filter(|(lines, _)| !lines.is_empty()) {
+            // All lines in one statement.
+            let sql = format!(
+                "INSERT INTO order_lines (order_id, sku, name, quantity, unit_price_cents, line_total_cents) VALUES {} \
+                 ON CONFLICT (order_id, sku) DO UPDATE SET name = excluded.name, quantity = excluded.quantity, \
+                 unit_price_cents = excluded.unit_price_cents, line_total_cents = excluded.line_total_cents",
+                sluice::store::placeholders(lines.len(), 6)
+            );
+            let mut insert = sqlx::query(&sql);
+            for line in lines {
+                insert = insert
+                    .bind(&order_id)
+                    .bind(&line.sku)
+                    .bind(&line.name)
+                    .bind(i64::from(line.quantity))
+                    .bind(line.unit_price_cents)
+                    .bind(line.line_total_cents);
+            }
+            insert.execute(ctx.db()).await?;
+        }
         let event_id = ctx.meta().event_id.clone();
         sqlx::query(
             "INSERT INTO order_history (event_id, order_id, event, implied, status, occurred_at, detail) VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -84,22 +77,33 @@ impl<E: Lifecycle> Handler<E> for Projector {
         .bind(&event_id)
         .bind(&order_id)
         .bind(E::ROUTING_KEY)
-        .bind(change.implied.map_or(0, |s| i64::from(s as i32)))
-        .bind(i64::from(status as i32))
+        .bind(i64::from(implied as i32))
+        .bind(status)
         .bind(occurred_at)
         .bind(&change.detail)
         .execute(ctx.db())
         .await?;
-        sqlx::query("UPDATE orders SET status = $1, updated_at = $2 WHERE order_id = $3")
-            .bind(i64::from(status as i32))
-            .bind(now)
-            .bind(&order_id)
-            .execute(ctx.db())
-            .await?;
+        let status = status_of(status);
         tracing::info!(order_id = %order_id, event = E::ROUTING_KEY, status = status.as_str_name(), "order updated");
         Ok(())
     }
 }
+
+/// Creates or updates an order's row and returns its status. `$9` is the rank of the status
+/// the event implies (`$3`); the CASE is `lifecycle::rank` of the stored status.
+static UPSERT_ORDER: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO orders (order_id, customer_id, status, total_cents, reason, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (order_id) DO UPDATE SET \
+         customer_id = CASE WHEN orders.customer_id = '' THEN excluded.customer_id ELSE orders.customer_id END, \
+         status = CASE WHEN $9 > {} THEN excluded.status ELSE orders.status END, \
+         total_cents = CASE WHEN $7 = 1 THEN excluded.total_cents ELSE orders.total_cents END, \
+         reason = CASE WHEN $8 = 1 THEN excluded.reason ELSE orders.reason END, \
+         updated_at = excluded.updated_at \
+         RETURNING status",
+        lifecycle::rank_sql("orders.status")
+    )
+});
 
 /// A stored status number back to the enum (unknown numbers read as unspecified).
 pub fn status_of(value: i64) -> OrderStatus {

@@ -81,6 +81,18 @@ struct Args {
     /// Keep the temp dir (databases, logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// Scenarios to run (for profiling one of them); the summary judges only what ran.
+    #[arg(long, value_delimiter = ',', default_value = "baseline,e2e,unary,stream")]
+    only: Vec<Scenario>,
+}
+
+/// A scenario of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Baseline,
+    E2e,
+    Unary,
+    Stream,
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -148,7 +160,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     eprintln!("platform up in {:.1} s, gRPC on {}", started.elapsed().as_secs_f64(), platform.grpc_addr);
 
     let mut baselines = Vec::new();
-    for queues in [1, 3] {
+    let runs = |scenario: Scenario| args.only.contains(&scenario);
+    for queues in [1, 3].into_iter().filter(|_| runs(Scenario::Baseline)) {
         for &window in &args.windows {
             eprintln!("broker baseline: {queues} queue(s), {window} in flight");
             let usage = cpu::Usage::start(&platform.pids());
@@ -169,7 +182,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         drain_timeout: args.drain_timeout,
     };
     let usage = cpu::Usage::start(&platform.pids());
-    let e2e = e2e::run(platform.grpc_addr, &vhost, &load).await?;
+    let e2e = if runs(Scenario::E2e) { Some(e2e::run(platform.grpc_addr, &vhost, &load).await?) } else { None };
     eprintln!("  CPU {}", usage.report());
     let retries: usize = platform::logged(&dir.path).iter().map(|(_, l)| l.retries).sum();
     let mut memory = platform.peak_rss();
@@ -184,7 +197,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let connection = lapin::Connection::connect(&vhost.url(), lapin::ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let mut unaries = Vec::new();
-    for &concurrency in &args.concurrency {
+    for &concurrency in args.concurrency.iter().filter(|_| runs(Scenario::Unary)) {
         purge(&channel, &order_created).await?;
         eprintln!("unary PlaceOrder: {concurrency} in flight");
         let usage = cpu::Usage::start(&platform.pids());
@@ -194,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         unaries.push((concurrency, result, check));
     }
     let mut streams = Vec::new();
-    for &window in &args.stream_windows {
+    for &window in args.stream_windows.iter().filter(|_| runs(Scenario::Stream)) {
         purge(&channel, &order_created).await?;
         eprintln!("PublishStream: {window} in flight");
         let usage = cpu::Usage::start(&platform.pids());
@@ -250,29 +263,31 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             check: check.clone(),
         });
     }
-    let (before, after) = e2e.backlog;
-    let growth = (after as f64 - before as f64) / args.duration.as_secs_f64();
-    let grows = growth > (args.e2e_rate * 0.02).max(5.0);
-    let backlog = format!(
-        "{retries} handler retries; backlog {} -> {} ({}), drained in {:.1} s",
-        thousands(before as f64),
-        thousands(after as f64),
-        if grows { format!("GROWS {}/s", thousands(growth)) } else { "steady".into() },
-        e2e.drained_in.as_secs_f64()
-    );
-    let e2e_check = match &e2e.check {
-        Check::Ok(what) => Check::Ok(format!("{what}; {backlog}")),
-        Check::Fail(why) => Check::Fail(format!("{why}; {backlog}")),
-        Check::NotRun => Check::NotRun,
-    };
-    rows.push(Row {
-        scenario: format!("end to end to COMPLETED, {} offered/s (sent {})", thousands(args.e2e_rate), thousands(e2e.offered)),
-        rate: format!("{} orders/s", thousands(e2e.completed_rate)),
-        latency: Latency::of(&e2e.latency),
-        errors: errors(&e2e.errors),
-        versus: format!("{:.2}x", e2e.completed_rate / ceiling1),
-        check: e2e_check,
-    });
+    if let Some(e2e) = &e2e {
+        let (before, after) = e2e.backlog;
+        let growth = (after as f64 - before as f64) / args.duration.as_secs_f64();
+        let grows = growth > (args.e2e_rate * 0.02).max(5.0);
+        let backlog = format!(
+            "{retries} handler retries; backlog {} -> {} ({}), drained in {:.1} s",
+            thousands(before as f64),
+            thousands(after as f64),
+            if grows { format!("GROWS {}/s", thousands(growth)) } else { "steady".into() },
+            e2e.drained_in.as_secs_f64()
+        );
+        let e2e_check = match &e2e.check {
+            Check::Ok(what) => Check::Ok(format!("{what}; {backlog}")),
+            Check::Fail(why) => Check::Fail(format!("{why}; {backlog}")),
+            Check::NotRun => Check::NotRun,
+        };
+        rows.push(Row {
+            scenario: format!("end to end to COMPLETED, {} offered/s (sent {})", thousands(args.e2e_rate), thousands(e2e.offered)),
+            rate: format!("{} orders/s", thousands(e2e.completed_rate)),
+            latency: Latency::of(&e2e.latency),
+            errors: errors(&e2e.errors),
+            versus: format!("{:.2}x", e2e.completed_rate / ceiling1),
+            check: e2e_check,
+        });
+    }
     let mut peak_mib = 0.0_f64;
     for (name, kib) in &memory {
         let (rate, check) = match kib {
@@ -293,6 +308,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let confirm_p50 = baselines.iter().find(|b| b.queues == 1 && b.window == 16).or_else(|| baselines.first()).and_then(|b| Latency::of(&b.latency)).map_or(0, |l| l.p50);
     let unary_p50 = unaries.iter().find(|(c, _, _)| *c == 16).and_then(|(_, u, _)| Latency::of(&u.latency)).map_or(0, |l| l.p50);
     let p50_ratio = unary_p50 as f64 / confirm_p50.max(1) as f64;
+    let e2e_rate = e2e.as_ref().map_or(0.0, |e| e.completed_rate);
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
     println!(
         "SUMMARY: checks {} | unary best {} orders/s = {:.2}x baseline {} msg/s (target >= 0.8x: {}) | p50 at 16 in flight {} ms = {:.2}x confirm p50 {} ms (target <= 1.5x: {}) | end to end {} orders/s (target >= 1,000: {}) | peak RSS max {:.1} MiB (target <= 64 MiB: {}) | load average {}",
@@ -305,8 +321,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         p50_ratio,
         report::ms(confirm_p50),
         verdict(unary_p50 > 0 && p50_ratio <= 1.5),
-        thousands(e2e.completed_rate),
-        verdict(e2e.completed_rate >= 1_000.0),
+        thousands(e2e_rate),
+        verdict(e2e_rate >= 1_000.0),
         peak_mib,
         verdict(peak_mib > 0.0 && peak_mib <= 64.0),
         load_average(),
