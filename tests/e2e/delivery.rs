@@ -33,8 +33,9 @@ const EFFECTS: &[Migration] = &[Migration {
 /// Every call of the handler: event id → (attempt, when).
 type Calls = Arc<Mutex<HashMap<String, Vec<(u32, Instant)>>>>;
 
-/// Fails `fail_times` times per event (forever for ids starting with `poison`), then records
-/// its effect. With a gate, each call first waits for a permit.
+/// Fails `fail_times` times per event (forever for ids starting with `poison`; ids starting
+/// with `panic` panic on their first call), then records its effect. With a gate, each call
+/// first waits for a permit.
 #[derive(Clone, Default)]
 struct Flaky {
     fail_times: u32,
@@ -58,6 +59,9 @@ impl Handler<OrderCreated> for Flaky {
         };
         if let Some(gate) = &self.gate {
             let _permit = gate.acquire().await.map_err(HandlerError::retry)?;
+        }
+        if id.starts_with("panic") && calls_so_far == 1 {
+            panic!("{id} panics on its first call");
         }
         if id.starts_with("poison") || calls_so_far <= self.fail_times {
             return Err(HandlerError::retry(format!("transient failure #{calls_so_far} of {id}")));
@@ -210,6 +214,63 @@ async fn a_message_that_always_fails_is_dead_lettered_without_holding_up_others(
     assert!(headers::header_str(h, headers::DEAD_LETTER_ERROR).unwrap().contains("transient failure #3"));
     assert_eq!(handler.calls.lock().unwrap()["poison-1"].len(), 3, "exactly max_attempts deliveries");
     assert_eq!(rig.effects("poison-1").await, 0);
+    connection.close(200, "done".into()).await.unwrap();
+    running.stop().await;
+}
+
+/// On SQLite the deliveries that wait together run as one batch: one transaction, a savepoint
+/// each. A failing delivery rolls back alone; a panicking one rolls the whole batch back and
+/// its companions run again. Either way every effect lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_commits_each_good_delivery_once_and_fails_only_the_bad_ones() {
+    let rig = Rig::new(Backend::Sqlite, |bus| {
+        bus.retry.base = Duration::from_millis(200);
+        bus.retry.max_attempts = 2;
+    })
+    .await;
+    // good-0 first; the poison in the middle; the panic last, behind 28 good deliveries.
+    let ids: Vec<String> = (0..30)
+        .map(|i| match i {
+            10 => "poison-1".to_owned(),
+            29 => "panic-1".to_owned(),
+            _ => format!("good-{i}"),
+        })
+        .collect();
+    rig.run(Flaky::default()).await.stop().await; // declares the queue
+    for id in &ids {
+        rig.publish(id).await;
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
+    let running = rig.run(handler.clone()).await;
+    // good-0's batch holds at the gate until the 29 others have all reached the consumer
+    // (none left ready on the broker); they then form the next batch together.
+    let mut last = None;
+    eventually(|| async { Some(handler.calls.lock().unwrap().len()) }, |n| *n == 1, &mut last).await.expect("good-0 started");
+    let mut last = None;
+    eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut last).await.expect("all delivered");
+    gate.add_permits(10_000);
+
+    let connection = Connection::connect(&rig.bus.url, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let dead = take_next(&channel, "test.flaky.dlq").await;
+    assert_eq!(dead.properties.message_id().as_ref().map(|s| s.as_str()), Some("poison-1"));
+    for id in ids.iter().filter(|id| *id != "poison-1") {
+        rig.wait_effect(id).await;
+    }
+    for id in &ids {
+        let expected = i64::from(id != "poison-1");
+        assert_eq!(rig.effects(id).await, expected, "{id}: effects");
+    }
+    let calls: HashMap<String, usize> = handler.calls.lock().unwrap().iter().map(|(id, c)| (id.clone(), c.len())).collect();
+    assert_eq!(calls["good-0"], 1, "alone in its batch");
+    for i in (1..29).filter(|i| *i != 10) {
+        // once in the batch the panic rolled back, once more after being returned to the queue
+        assert_eq!(calls[&format!("good-{i}")], 2, "good-{i}: calls {calls:?}");
+    }
+    assert_eq!(calls["poison-1"], 2, "the failing delivery alone is retried, up to max_attempts");
+    assert_eq!(calls["panic-1"], 2, "the panic is retried once, then succeeds");
+    assert_eq!(rig.ready("test.flaky").await, 0, "everything was acknowledged");
     connection.close(200, "done".into()).await.unwrap();
     running.stop().await;
 }
