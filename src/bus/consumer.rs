@@ -488,8 +488,20 @@ impl Session for Consuming {
                             in_flight.inc_by(count as i64);
                             let started = std::time::Instant::now();
                             let outcomes = route.process_batch(&deliveries, &shared, &stop).await;
-                            let settled = deliveries.into_iter().zip(outcomes).map(|(d, o)| settle(d, route.queue(), o, &shared));
-                            futures_util::future::join_all(settled).await;
+                            let last = deliveries.iter().map(|d| d.delivery_tag).max();
+                            match (outcomes.iter().all(|o| matches!(o, Outcome::Ack)), deliveries.last()) {
+                                // The usual case, in one frame: this loop alone consumes from the
+                                // channel, one batch at a time, so every earlier delivery is settled.
+                                (true, Some(delivery)) if last == Some(delivery.delivery_tag) => {
+                                    if let Err(error) = delivery.ack(BasicAckOptions { multiple: true }).await {
+                                        tracing::warn!(%error, queue = route.queue(), "ack failed");
+                                    }
+                                }
+                                _ => {
+                                    let settled = deliveries.into_iter().zip(outcomes).map(|(d, o)| settle(d, route.queue(), o, &shared));
+                                    futures_util::future::join_all(settled).await;
+                                }
+                            }
                             let latency = metrics.handler_latency.get_or_create(&label);
                             for _ in 0..count {
                                 latency.observe(started.elapsed().as_secs_f64());
