@@ -184,6 +184,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let usage = cpu::Usage::start(&platform.pids());
     let e2e = if runs(Scenario::E2e) { Some(e2e::run(platform.grpc_addr, &vhost, &load).await?) } else { None };
     eprintln!("  CPU {}", usage.report());
+    if !runs(Scenario::E2e) {
+        // The gateway learns the catalog's SKUs from inventory: one order before inventory stops.
+        let mut client = unary::clients(platform.grpc_addr, 1).await?.remove(0);
+        client.place_order(unary::an_order(0)).await.context("the warm-up order")?;
+    }
     let retries: usize = platform::logged(&dir.path).iter().map(|(_, l)| l.retries).sum();
     let mut memory = platform.peak_rss();
     memory.retain(|(name, _)| *name != "gateway");
