@@ -133,8 +133,10 @@ pub struct BusConfig {
     /// logged (see `Debug`). A private CA rides in it as `?cacertfile=<PEM file>` (see
     /// [`BusConfig::with_ca_file`]), so every connection of the process trusts it.
     pub url: String,
-    /// Unacknowledged deliveries per handler queue; also the handler concurrency per queue.
-    pub prefetch: u16,
+    /// Unacknowledged deliveries per handler queue (`SLUICE_PREFETCH`). `None` picks by
+    /// database: 128 on SQLite (they make the batches, see `batch`), 32 on PostgreSQL (the
+    /// handlers running at once per queue).
+    pub prefetch: Option<u16>,
     /// Most deliveries of one queue handled in one database transaction (`SLUICE_BATCH`).
     /// `None` picks by database: SQLite (one writer) batches up to `prefetch`, one batch at a
     /// time per queue; PostgreSQL runs one transaction per delivery, `prefetch` at a time.
@@ -193,8 +195,8 @@ impl BusConfig {
         } else if let Some(ca_file) = tls::ca_file_of(&url) {
             url = trust_ca_file(&url, &ca_file, "SLUICE_AMQP_URL")?;
         }
-        let prefetch: u16 = parse_or(source, "SLUICE_PREFETCH", 32)?;
-        if prefetch == 0 {
+        let prefetch: Option<u16> = source.get("SLUICE_PREFETCH").map(|_| parse_or(source, "SLUICE_PREFETCH", 1)).transpose()?;
+        if prefetch == Some(0) {
             return Err(ConfigError::new("SLUICE_PREFETCH", "0", "must be at least 1"));
         }
         let defaults = RetryPolicy::default();
@@ -242,7 +244,7 @@ impl BusConfig {
     pub fn for_url(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            prefetch: 32,
+            prefetch: None,
             batch: None,
             queue_type: QueueType::Quorum,
             retry: RetryPolicy::default(),
@@ -283,7 +285,7 @@ mod tests {
         let config = BusConfig::from_source(&[("UNRELATED", "x")]).unwrap();
         assert_eq!(config.url, DEFAULT_AMQP_URL);
         assert_eq!(config.queue_type, QueueType::Quorum);
-        assert_eq!(config.prefetch, 32);
+        assert_eq!(config.prefetch, None);
     }
 
     #[test]

@@ -419,6 +419,10 @@ impl ConsumerBuilder {
         });
         let intake = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let prefetch = self.config.prefetch.unwrap_or(match self.store.backend() {
+            store::Backend::Sqlite => 128,
+            store::Backend::Postgres => 32,
+        });
         let session = Consuming {
             service: self.service.clone(),
             routes: self.routes,
@@ -426,8 +430,9 @@ impl ConsumerBuilder {
             shared: shared.clone(),
             intake: intake.clone(),
             tracker: tracker.clone(),
+            prefetch,
             batch: self.config.batch.unwrap_or(match self.store.backend() {
-                store::Backend::Sqlite => self.config.prefetch,
+                store::Backend::Sqlite => prefetch,
                 store::Backend::Postgres => 1,
             }),
         };
@@ -449,6 +454,8 @@ struct Consuming {
     shared: Arc<Shared>,
     intake: CancellationToken,
     tracker: TaskTracker,
+    /// Unacknowledged deliveries per queue.
+    prefetch: u16,
     /// Deliveries per transaction (1: each delivery on its own, `prefetch` at a time).
     batch: u16,
 }
@@ -465,7 +472,7 @@ impl Session for Consuming {
             let mut consumers = Vec::new();
             for route in &self.routes {
                 let channel = connection.create_channel().await?;
-                channel.basic_qos(config.prefetch, BasicQosOptions::default()).await?;
+                channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
                 topology::declare_handler_queue(&channel, route.queue(), route.routing_key(), config.queue_type).await?;
                 let tag = consumer_tag(&self.service, route.queue())?;
                 let stream = channel
@@ -530,7 +537,7 @@ impl Session for Consuming {
             }
             for serve in &self.serves {
                 let channel = connection.create_channel().await?;
-                channel.basic_qos(config.prefetch, BasicQosOptions::default()).await?;
+                channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
                 topology::declare_request_queue(&channel, serve.queue()).await?;
                 let tag = consumer_tag(&self.service, serve.queue())?;
                 let stream = channel

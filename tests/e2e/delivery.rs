@@ -281,7 +281,7 @@ async fn a_batch_commits_each_good_delivery_once_and_fails_only_the_bad_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_delivery_has_no_second_effect() {
-    let rig = Rig::new(Backend::Sqlite, |bus| bus.prefetch = 1).await;
+    let rig = Rig::new(Backend::Sqlite, |bus| bus.prefetch = Some(1)).await;
     let handler = Flaky::default();
     let running = rig.run(handler.clone()).await;
 
@@ -300,7 +300,7 @@ async fn a_duplicate_delivery_has_no_second_effect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_handlers_and_leaves_the_rest_queued() {
     // PostgreSQL: SQLite's single connection would run the handlers one at a time.
-    let rig = Rig::new(Backend::Postgres, |bus| bus.prefetch = 4).await;
+    let rig = Rig::new(Backend::Postgres, |bus| bus.prefetch = Some(4)).await;
     let gate = Arc::new(Semaphore::new(0));
     let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
     let running = rig.run(handler.clone()).await;
