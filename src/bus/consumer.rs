@@ -487,49 +487,19 @@ impl Session for Consuming {
                     self.tracker.spawn(batch_loop(stream, intake, batch, move |deliveries| {
                         let (route, shared, stop) = (route.clone(), shared.clone(), stop.clone());
                         async move {
-                            let metrics = crate::metrics::metrics();
-                            let label = crate::metrics::queue(route.queue());
-                            let count = deliveries.len() as u64;
-                            metrics.deliveries.get_or_create(&label).inc_by(count);
-                            let in_flight = metrics.in_flight.get_or_create(&label).clone();
-                            in_flight.inc_by(count as i64);
-                            let started = std::time::Instant::now();
-                            let outcomes = route.process_batch(&deliveries, &shared, &stop).await;
-                            let last = deliveries.iter().map(|d| d.delivery_tag).max();
-                            match (outcomes.iter().all(|o| matches!(o, Outcome::Ack)), deliveries.last()) {
-                                // The usual case, in one frame: this loop alone consumes from the
-                                // channel, one batch at a time, so every earlier delivery is settled.
-                                (true, Some(delivery)) if last == Some(delivery.delivery_tag) => {
-                                    if let Err(error) = delivery.ack(BasicAckOptions { multiple: true }).await {
-                                        tracing::warn!(%error, queue = route.queue(), "ack failed");
-                                    }
-                                }
-                                _ => {
-                                    let settled = deliveries.into_iter().zip(outcomes).map(|(d, o)| settle(d, route.queue(), o, &shared));
-                                    futures_util::future::join_all(settled).await;
-                                }
-                            }
-                            let latency = metrics.handler_latency.get_or_create(&label);
-                            for _ in 0..count {
-                                latency.observe(started.elapsed().as_secs_f64());
-                            }
-                            in_flight.dec_by(count as i64);
+                            let count = deliveries.len();
+                            measured(route.queue(), count, handle_batch(&*route, deliveries, &shared, &stop)).await;
                         }
                     }));
                 } else {
                     self.tracker.spawn(delivery_loop(stream, intake, tracker, move |delivery| {
                         let (route, shared) = (route.clone(), shared.clone());
                         async move {
-                            let metrics = crate::metrics::metrics();
-                            let label = crate::metrics::queue(route.queue());
-                            metrics.deliveries.get_or_create(&label).inc();
-                            let in_flight = metrics.in_flight.get_or_create(&label).clone();
-                            in_flight.inc();
-                            let started = std::time::Instant::now();
-                            let outcome = route.process(&delivery, &shared).await;
-                            settle(delivery, route.queue(), outcome, &shared).await;
-                            metrics.handler_latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
-                            in_flight.dec();
+                            let handled = async {
+                                let outcome = route.process(&delivery, &shared).await;
+                                settle(delivery, route.queue(), outcome, &shared).await;
+                            };
+                            measured(route.queue(), 1, handled).await;
                         }
                     }));
                 }
@@ -628,6 +598,44 @@ where
         handle(batch).await;
         if ended {
             return;
+        }
+    }
+}
+
+/// Runs `handled` (the handling of `count` deliveries of `queue`) and records it in the
+/// delivery metrics.
+async fn measured(queue: &str, count: usize, handled: impl std::future::Future<Output = ()>) {
+    let metrics = crate::metrics::metrics();
+    let label = crate::metrics::queue(queue);
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    metrics.deliveries.get_or_create(&label).inc_by(count.unsigned_abs());
+    let in_flight = metrics.in_flight.get_or_create(&label).clone();
+    in_flight.inc_by(count);
+    let started = std::time::Instant::now();
+    handled.await;
+    let latency = metrics.handler_latency.get_or_create(&label);
+    for _ in 0..count {
+        latency.observe(started.elapsed().as_secs_f64());
+    }
+    in_flight.dec_by(count);
+}
+
+/// Handles a batch and settles each delivery; a batch that fully succeeded is acknowledged in
+/// one frame.
+async fn handle_batch(route: &dyn Route, deliveries: Vec<Delivery>, shared: &Shared, stop: &CancellationToken) {
+    let outcomes = route.process_batch(&deliveries, shared, stop).await;
+    let last = deliveries.iter().map(|d| d.delivery_tag).max();
+    match (outcomes.iter().all(|o| matches!(o, Outcome::Ack)), deliveries.last()) {
+        // The usual case. This batch's loop alone consumes from the channel, one batch at a
+        // time, so every earlier delivery is already settled.
+        (true, Some(delivery)) if last == Some(delivery.delivery_tag) => {
+            if let Err(error) = delivery.ack(BasicAckOptions { multiple: true }).await {
+                tracing::warn!(%error, queue = route.queue(), "ack failed");
+            }
+        }
+        _ => {
+            let settled = deliveries.into_iter().zip(outcomes).map(|(d, o)| settle(d, route.queue(), o, shared));
+            futures_util::future::join_all(settled).await;
         }
     }
 }

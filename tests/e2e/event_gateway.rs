@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 
-use crate::support::{Backend, TestApp, an_order, broker, eventually};
+use crate::support::{Backend, TestApp, an_order, broker, eventually, proxy::Proxy};
 
 /// A gateway alone on a fresh vhost (no services: published events only go to the test's queues).
 struct Bare {
@@ -263,8 +263,11 @@ async fn a_subscriber_receives_the_trace_id_of_the_producer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_stops_reading_is_dropped_and_told_it_lagged() {
     let app = Bare::start().await;
-    // A client with small HTTP/2 windows, so its own buffers cannot hide the backlog.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+    // The subscriber reaches the gateway through a proxy that the test freezes: a client that
+    // stops reading at the network level, whatever its HTTP/2 library buffers. Small HTTP/2
+    // windows besides, so the gateway can hand the connection little before it must hold back.
+    let proxy = Proxy::start(app.addr).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
         .unwrap()
         .initial_stream_window_size(65_535)
         .initial_connection_window_size(65_535)
@@ -272,9 +275,10 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_told_it_lagged() {
         .await
         .unwrap();
     let mut stream = EventGatewayClient::new(channel).subscribe(SubscribeRequest { patterns: vec!["#".into()] }).await.unwrap().into_inner();
-    // Publish far more than the buffers hold (HTTP/2 windows included: 4 KiB × 3000), without
-    // reading.
-    let padding = "x".repeat(4096);
+    proxy.freeze();
+    // Publish far more than every buffer on the way holds: 3000 × 16 KiB = 48 MiB, against
+    // HTTP/2 windows of 64 KiB and loopback socket buffers of a few MiB each way.
+    let padding = "x".repeat(16 * 1024);
     let requests = tokio_stream::iter((0..3_000u64).map(move |sequence| PublishStreamRequest {
         sequence,
         publish: Some(publish(any(&PaymentCaptured { order_id: format!("o-{sequence}"), customer_id: padding.clone(), ..Default::default() }))),
@@ -285,6 +289,7 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_told_it_lagged() {
     while let Some(ack) = acks.next().await {
         ack.unwrap();
     }
+    proxy.thaw();
     let mut received = 0;
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(item) = stream.next().await {
