@@ -15,9 +15,9 @@
 //! queue's worker is free (at most the batch size) run one after the other in one transaction,
 //! each inside a savepoint. A failed handler rolls back to its savepoint and gets the outcome
 //! above; the others commit together and are then acknowledged. If a handler panics, the whole
-//! batch rolls back: the panicking delivery is retried and the others are returned to the
-//! queue (`nack` + requeue), to run again from scratch. Deliveries of a batch not yet started
-//! when shutdown begins are left unacknowledged and return to the queue.
+//! batch rolls back: the panicking delivery is retried and the others run again from scratch,
+//! each in its own transaction. Deliveries of a batch not yet started when shutdown begins are
+//! left unacknowledged and return to the queue.
 //!
 //! Nothing is acknowledged before its outcome is durable, so a crash at any point leads to a
 //! redelivery, never a loss, and the inbox turns the redelivery into a no-op if the effect
@@ -52,8 +52,9 @@ enum Outcome {
     Ack,
     Retry(String),
     DeadLetter { reason: &'static str, error: String },
-    /// Back to the queue now, untouched (its batch rolled back for another delivery's panic).
-    Requeue,
+    /// Its batch rolled back for another delivery's panic: to be run again on its own (never
+    /// reaches `settle`; if it did, the message would go back to its queue).
+    Rerun,
     /// Not started before shutdown: no ack, so it returns to the queue with the channel.
     Leave,
 }
@@ -124,6 +125,13 @@ impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
             } else if !prepared.is_empty() {
                 self.run_batch(prepared, shared, intake, &mut outcomes).await;
             }
+            // A panic rolled the batch back: its companions run again, each on its own, here and
+            // now (a requeue would count toward a quorum queue's delivery limit on RabbitMQ 4.x).
+            for (delivery, outcome) in deliveries.iter().zip(outcomes.iter_mut()) {
+                if matches!(outcome, Some(Outcome::Rerun)) {
+                    *outcome = Some(if intake.is_cancelled() { Outcome::Leave } else { self.process(delivery, shared).await });
+                }
+            }
             outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Leave)).collect()
         })
     }
@@ -133,7 +141,7 @@ impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
 fn mark_failure(span: &tracing::Span, outcome: &Outcome) {
     match outcome {
         Outcome::Retry(error) | Outcome::DeadLetter { error, .. } => spans::fail(span, error),
-        Outcome::Ack | Outcome::Requeue | Outcome::Leave => {}
+        Outcome::Ack | Outcome::Rerun | Outcome::Leave => {}
     }
 }
 
@@ -225,7 +233,7 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                     mark_failure(&span, &outcome);
                     for slot in outcomes.iter_mut() {
                         if matches!(slot, Some(Outcome::Ack) | None) {
-                            *slot = Some(Outcome::Requeue);
+                            *slot = Some(Outcome::Rerun);
                         }
                     }
                     outcomes[i] = Some(outcome);
@@ -651,7 +659,7 @@ async fn settle(delivery: Delivery, queue: &str, outcome: Outcome, shared: &Shar
     let moved = match outcome {
         Outcome::Ack => Ok(()),
         Outcome::Leave => return,
-        Outcome::Requeue => {
+        Outcome::Rerun => {
             if let Err(error) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
                 tracing::warn!(%error, queue, "returning a message to its queue failed");
             }
