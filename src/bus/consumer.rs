@@ -95,13 +95,10 @@ impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
 
     fn process<'a>(&'a self, delivery: &'a Delivery, shared: &'a Shared) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            let (event, meta, span) = match self.prepare(delivery, shared) {
-                Ok(prepared) => prepared,
-                Err(outcome) => return outcome,
-            };
-            let outcome = self.run_handler(event, meta, shared).instrument(span.clone()).await;
-            mark_failure(&span, &outcome);
-            outcome
+            match self.prepare(delivery, shared) {
+                Ok((event, meta, span)) => self.run_alone(event, meta, span, shared).await,
+                Err(outcome) => outcome,
+            }
         })
     }
 
@@ -118,9 +115,7 @@ impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
             }
             if prepared.len() == 1 {
                 if let Some((i, event, meta, span)) = prepared.pop() {
-                    let outcome = self.run_handler(event, meta, shared).instrument(span.clone()).await;
-                    mark_failure(&span, &outcome);
-                    outcomes[i] = Some(outcome);
+                    outcomes[i] = Some(self.run_alone(event, meta, span, shared).await);
                 }
             } else if !prepared.is_empty() {
                 self.run_batch(prepared, shared, intake, &mut outcomes).await;
@@ -258,69 +253,84 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
         if let Err(error) = sqlx::query("SAVEPOINT sluice_delivery").execute(&mut *tx).await {
             return Step::Broken(Outcome::Retry(format!("opening a savepoint: {error}")));
         }
+        match self.handle_in(tx, event, meta).await {
+            Handled::Duplicate(tx) => Step::Done { tx, outcome: Outcome::Ack, emitted: false },
+            Handled::Done { tx, emitted } => Step::Done { tx, outcome: Outcome::Ack, emitted: emitted > 0 },
+            Handled::Failed { mut tx, outcome } => match sqlx::query("ROLLBACK TO SAVEPOINT sluice_delivery").execute(&mut *tx).await {
+                Ok(_) => Step::Done { tx, outcome, emitted: false },
+                Err(error) => {
+                    tracing::warn!(%error, "rolling back to a savepoint");
+                    Step::Broken(outcome)
+                }
+            },
+            Handled::Broken(outcome) => Step::Broken(outcome),
+        }
+    }
+
+    /// One delivery in its own transaction, inside its consumer span.
+    async fn run_alone(&self, event: E, meta: Metadata, span: tracing::Span, shared: &Shared) -> Outcome {
+        let outcome = self.run_handler(event, meta, shared).instrument(span.clone()).await;
+        mark_failure(&span, &outcome);
+        outcome
+    }
+
+    async fn run_handler(&self, event: E, meta: Metadata, shared: &Shared) -> Outcome {
+        let tx = match shared.store.begin().await {
+            Ok(tx) => tx,
+            Err(error) => return Outcome::Retry(format!("opening a transaction: {error}")),
+        };
+        match self.handle_in(tx, event, meta).await {
+            Handled::Duplicate(_) => Outcome::Ack,
+            Handled::Done { tx, emitted } => {
+                if let Err(error) = tx.commit().await {
+                    return Outcome::Retry(format!("committing: {error}"));
+                }
+                if emitted > 0 {
+                    shared.store.wake_relay();
+                }
+                tracing::debug!(emitted, "handled");
+                Outcome::Ack
+            }
+            // Dropping the transaction rolls it back.
+            Handled::Failed { outcome, .. } | Handled::Broken(outcome) => outcome,
+        }
+    }
+
+    /// The work of one delivery inside `tx`, shared by both paths: inbox claim, handler (a
+    /// panic caught), outbox rows. Commits nothing.
+    async fn handle_in(&self, mut tx: Transaction<'static, Any>, event: E, meta: Metadata) -> Handled {
         match store::claim(&mut tx, &meta.event_id, &self.name).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!("duplicate delivery acknowledged without effect");
-                return Step::Done { tx, outcome: Outcome::Ack, emitted: false };
+                return Handled::Duplicate(tx);
             }
-            Err(error) => return Step::Broken(Outcome::Retry(format!("recording the inbox entry: {error}"))),
+            Err(error) => return Handled::Broken(Outcome::Retry(format!("recording the inbox entry: {error}"))),
         }
         let mut ctx = Context::new(tx, meta);
         let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
         let (mut tx, emitted) = ctx.into_parts();
-        let outcome = match result {
-            Ok(Ok(())) => match store::stage(&mut tx, &emitted).await {
-                Ok(()) => return Step::Done { tx, outcome: Outcome::Ack, emitted: !emitted.is_empty() },
-                Err(error) => Outcome::Retry(format!("staging emitted events: {error}")),
-            },
-            Ok(Err(error)) => handler_failure(error),
-            Err(panic) => return Step::Broken(Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic)))),
-        };
-        match sqlx::query("ROLLBACK TO SAVEPOINT sluice_delivery").execute(&mut *tx).await {
-            Ok(_) => Step::Done { tx, outcome, emitted: false },
-            Err(error) => {
-                tracing::warn!(%error, "rolling back to a savepoint");
-                Step::Broken(outcome)
-            }
-        }
-    }
-
-    async fn run_handler(&self, event: E, meta: Metadata, shared: &Shared) -> Outcome {
-        let event_id = meta.event_id.clone();
-        let mut tx = match shared.store.begin().await {
-            Ok(tx) => tx,
-            Err(error) => return Outcome::Retry(format!("opening a transaction: {error}")),
-        };
-        match store::claim(&mut tx, &event_id, &self.name).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!("duplicate delivery acknowledged without effect");
-                return Outcome::Ack;
-            }
-            Err(error) => return Outcome::Retry(format!("recording the inbox entry: {error}")),
-        }
-        let mut ctx = Context::new(tx, meta);
-        let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
         match result {
-            Ok(Ok(())) => {
-                let (mut tx, emitted) = ctx.into_parts();
-                if let Err(error) = store::stage(&mut tx, &emitted).await {
-                    return Outcome::Retry(format!("staging emitted events: {error}"));
-                }
-                if let Err(error) = tx.commit().await {
-                    return Outcome::Retry(format!("committing: {error}"));
-                }
-                if !emitted.is_empty() {
-                    shared.store.wake_relay();
-                }
-                tracing::debug!(emitted = emitted.len(), "handled");
-                Outcome::Ack
-            }
-            Ok(Err(error)) => handler_failure(error),
-            Err(panic) => Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic))),
+            Ok(Ok(())) => match store::stage(&mut tx, &emitted).await {
+                Ok(()) => Handled::Done { tx, emitted: emitted.len() },
+                Err(error) => Handled::Failed { tx, outcome: Outcome::Retry(format!("staging emitted events: {error}")) },
+            },
+            Ok(Err(error)) => Handled::Failed { tx, outcome: handler_failure(error) },
+            Err(panic) => Handled::Broken(Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic)))),
         }
     }
+}
+
+/// What became of one delivery inside a transaction (see `TypedRoute::handle_in`).
+enum Handled {
+    /// Already handled (the inbox has it): nothing was done.
+    Duplicate(Transaction<'static, Any>),
+    /// Effects, inbox record and `emitted` outbox rows are in the transaction.
+    Done { tx: Transaction<'static, Any>, emitted: usize },
+    /// The handler (or staging its events) failed: its work must be rolled back.
+    Failed { tx: Transaction<'static, Any>, outcome: Outcome },
+    /// The transaction cannot be trusted any more (a panic, a failed inbox write).
+    Broken(Outcome),
 }
 
 /// Where a batched delivery left its batch's transaction.
