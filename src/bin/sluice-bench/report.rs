@@ -6,6 +6,19 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 /// Latencies in microseconds, 1 µs to 10 minutes, 3 significant digits.
+/// What one run through the gateway measured (unary calls or a stream's events).
+pub struct GatewayRun {
+    /// Calls answered OK (or events acked as confirmed) inside the measured window, per second.
+    pub rate: f64,
+    pub latency: Histogram<u64>,
+    /// Failed calls (or refused events) inside the measured window, by gRPC code.
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Every OK answer or confirmed event, warm-up included.
+    pub accepted: u64,
+    /// Every failure, warm-up included.
+    pub failed: u64,
+}
+
 pub fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 600_000_000, 3)?)
 }

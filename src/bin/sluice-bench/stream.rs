@@ -12,26 +12,12 @@ use std::{
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use hdrhistogram::Histogram;
 use prost::Message as _;
 use sluice::pb::{OrderCreated, OrderItem, PublishRequest, PublishStreamRequest, event_gateway_client::EventGatewayClient};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Endpoint;
 
-use crate::{platform::SKU, report};
-
-/// What one stream measured.
-pub struct Streamed {
-    /// Acks of confirmed events inside the measured window, per second.
-    pub rate: f64,
-    pub latency: Histogram<u64>,
-    /// Events refused inside the measured window, by gRPC code.
-    pub errors: BTreeMap<String, u64>,
-    /// Every confirmed event, warm-up included.
-    pub accepted: u64,
-    /// Every refused event, warm-up included.
-    pub failed: u64,
-}
+use crate::{platform::SKU, report::{self, GatewayRun}};
 
 fn order_created(sequence: u64) -> PublishRequest {
     let event = OrderCreated {
@@ -48,7 +34,7 @@ fn order_created(sequence: u64) -> PublishRequest {
 }
 
 /// Publishes over one stream for `warmup + duration` with `window` events awaiting their ack.
-pub async fn run(addr: SocketAddr, window: usize, warmup: Duration, duration: Duration) -> anyhow::Result<Streamed> {
+pub async fn run(addr: SocketAddr, window: usize, warmup: Duration, duration: Duration) -> anyhow::Result<GatewayRun> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await.context("connecting to the gateway")?;
     let mut client = EventGatewayClient::new(channel);
     let (tx, rx) = mpsc::channel::<PublishStreamRequest>(window.max(1));
@@ -77,7 +63,7 @@ pub async fn run(addr: SocketAddr, window: usize, warmup: Duration, duration: Du
         })
     };
 
-    let mut result = Streamed { rate: 0.0, latency: report::histogram()?, errors: BTreeMap::new(), accepted: 0, failed: 0 };
+    let mut result = GatewayRun { rate: 0.0, latency: report::histogram()?, errors: BTreeMap::new(), accepted: 0, failed: 0 };
     let mut in_window = 0u64;
     while let Some(ack) = acks.next().await {
         let ack = ack.context("PublishStream ended with an error")?;

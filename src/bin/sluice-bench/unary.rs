@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use sluice::pb::{OrderItem, PlaceOrderRequest, order_service_client::OrderServiceClient};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{platform::SKU, report};
+use crate::{platform::SKU, report::{self, GatewayRun}};
 
 /// A valid order for the benchmark SKU; no idempotency key, so every call is a new order.
 pub fn an_order(customer: usize) -> PlaceOrderRequest {
@@ -40,19 +40,6 @@ pub async fn clients(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<OrderServ
     Ok(clients)
 }
 
-/// What one closed-loop run measured.
-pub struct Unary {
-    /// OK answers inside the measured window, per second.
-    pub rate: f64,
-    pub latency: Histogram<u64>,
-    /// Failed calls inside the measured window, by gRPC code.
-    pub errors: BTreeMap<String, u64>,
-    /// Every OK answer, warm-up included.
-    pub accepted: u64,
-    /// Every failed call, warm-up included.
-    pub failed: u64,
-}
-
 struct Worker {
     latency: Histogram<u64>,
     ok_in_window: u64,
@@ -62,7 +49,7 @@ struct Worker {
 }
 
 /// Runs `concurrency` callers over `connections` connections for `warmup + duration`.
-pub async fn run(addr: SocketAddr, concurrency: usize, connections: usize, warmup: Duration, duration: Duration) -> anyhow::Result<Unary> {
+pub async fn run(addr: SocketAddr, concurrency: usize, connections: usize, warmup: Duration, duration: Duration) -> anyhow::Result<GatewayRun> {
     let clients = clients(addr, connections.clamp(1, concurrency.max(1))).await?;
     let measure_from = Instant::now() + warmup;
     let end = measure_from + duration;
@@ -98,7 +85,7 @@ pub async fn run(addr: SocketAddr, concurrency: usize, connections: usize, warmu
             worker
         });
     }
-    let mut total = Unary { rate: 0.0, latency: report::histogram()?, errors: BTreeMap::new(), accepted: 0, failed: 0 };
+    let mut total = GatewayRun { rate: 0.0, latency: report::histogram()?, errors: BTreeMap::new(), accepted: 0, failed: 0 };
     let mut ok_in_window = 0;
     while let Some(worker) = workers.join_next().await {
         let worker = worker.context("a PlaceOrder caller panicked")?;
