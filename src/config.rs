@@ -56,9 +56,23 @@ where
     T: FromStr,
     T::Err: fmt::Display,
 {
-    match source.get(name) {
-        None => Ok(default),
-        Some(raw) => raw.trim().parse().map_err(|e| ConfigError::new(name, raw, e)),
+    Ok(parse_opt(source, name)?.unwrap_or(default))
+}
+
+/// Reads `name` and parses it; `None` when unset.
+pub fn parse_opt<T>(source: &impl Source, name: &'static str) -> Result<Option<T>, ConfigError>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    source.get(name).map(|raw| raw.trim().parse().map_err(|e| ConfigError::new(name, raw, e))).transpose()
+}
+
+/// Reads `name` as a count of at least 1; `None` when unset.
+fn parse_count(source: &impl Source, name: &'static str) -> Result<Option<u16>, ConfigError> {
+    match parse_opt(source, name)? {
+        Some(0) => Err(ConfigError::new(name, "0", "must be at least 1")),
+        count => Ok(count),
     }
 }
 
@@ -195,10 +209,7 @@ impl BusConfig {
         } else if let Some(ca_file) = tls::ca_file_of(&url) {
             url = trust_ca_file(&url, &ca_file, "SLUICE_AMQP_URL")?;
         }
-        let prefetch: Option<u16> = source.get("SLUICE_PREFETCH").map(|_| parse_or(source, "SLUICE_PREFETCH", 1)).transpose()?;
-        if prefetch == Some(0) {
-            return Err(ConfigError::new("SLUICE_PREFETCH", "0", "must be at least 1"));
-        }
+        let prefetch = parse_count(source, "SLUICE_PREFETCH")?;
         let defaults = RetryPolicy::default();
         let retry = RetryPolicy {
             base: Duration::from_millis(parse_or(source, "SLUICE_RETRY_BASE_MS", 1_000u64)?),
@@ -214,10 +225,7 @@ impl BusConfig {
             ));
         }
         let confirm_ms: u64 = parse_or(source, "SLUICE_CONFIRM_TIMEOUT_MS", 5_000)?;
-        let batch: Option<u16> = source.get("SLUICE_BATCH").map(|_| parse_or(source, "SLUICE_BATCH", 1)).transpose()?;
-        if batch == Some(0) {
-            return Err(ConfigError::new("SLUICE_BATCH", "0", "must be at least 1"));
-        }
+        let batch = parse_count(source, "SLUICE_BATCH")?;
         Ok(Self {
             url,
             prefetch,
