@@ -5,7 +5,7 @@ mod lifecycle;
 mod projector;
 mod queries;
 
-pub use lifecycle::{Change, Lifecycle, derive};
+pub use lifecycle::{Change, Lifecycle};
 pub use projector::Projector;
 pub use queries::GetOrder;
 

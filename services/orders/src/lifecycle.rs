@@ -56,11 +56,6 @@ pub fn rank_sql(column: &str) -> String {
     format!("(CASE {column}{arms} ELSE 0 END)")
 }
 
-/// The status that follows from every implied status seen.
-pub fn derive(implied: impl IntoIterator<Item = OrderStatus>) -> OrderStatus {
-    implied.into_iter().max_by_key(|s| rank(*s)).unwrap_or(OrderStatus::Unspecified)
-}
-
 impl Lifecycle for OrderCreated {
     fn order(&self) -> &str {
         &self.order_id
@@ -162,16 +157,6 @@ impl Lifecycle for NotificationSent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failures_outrank_progress_whatever_the_arrival_order() {
-        use OrderStatus::*;
-        assert_eq!(derive([Reserved, Pending]), Reserved);
-        assert_eq!(derive([Completed, Pending, Paid, Reserved]), Completed);
-        assert_eq!(derive([Declined, Reserved, Pending]), Declined);
-        assert_eq!(derive([Pending, Rejected]), Rejected);
-        assert_eq!(derive([]), Unspecified);
-    }
 
     #[test]
     fn only_a_confirmation_completes_an_order() {

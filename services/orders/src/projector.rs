@@ -109,3 +109,74 @@ static UPSERT_ORDER: LazyLock<String> = LazyLock::new(|| {
 pub fn status_of(value: i64) -> OrderStatus {
     i32::try_from(value).ok().and_then(|v| OrderStatus::try_from(v).ok()).unwrap_or(OrderStatus::Unspecified)
 }
+
+#[cfg(test)]
+mod tests {
+    use sluice::bus::Context;
+    use sluice::events::{
+        InventoryRejected, InventoryReserved, NotificationKind, NotificationSent, OrderCreated, PaymentCaptured, PaymentDeclined,
+    };
+    use sluice::store::Store;
+
+    use super::*;
+
+    const ORDER: &str = "o-1";
+
+    /// A fresh in-memory database, migrated, and one transaction over it.
+    async fn fresh() -> (Store, Context) {
+        let store = Store::connect("sqlite::memory:", crate::MIGRATIONS).await.unwrap();
+        let ctx = Context::for_test(&store, "e-1").await.unwrap();
+        (store, ctx)
+    }
+
+    async fn apply<E: Lifecycle>(ctx: &mut Context, event: E) {
+        Handler::<E>::handle(&Projector, event, ctx).await.unwrap();
+    }
+
+    async fn status(ctx: &mut Context) -> OrderStatus {
+        let row = sqlx::query("SELECT status FROM orders WHERE order_id = $1").bind(ORDER).fetch_one(ctx.db()).await.unwrap();
+        status_of(row.try_get("status").unwrap())
+    }
+
+    fn created() -> OrderCreated {
+        OrderCreated { order_id: ORDER.into(), customer_id: "c-1".into(), ..Default::default() }
+    }
+    fn reserved() -> InventoryReserved {
+        InventoryReserved { order_id: ORDER.into(), ..Default::default() }
+    }
+    fn paid() -> PaymentCaptured {
+        PaymentCaptured { order_id: ORDER.into(), ..Default::default() }
+    }
+    fn notified() -> NotificationSent {
+        NotificationSent { order_id: ORDER.into(), kind: NotificationKind::OrderConfirmed.into(), ..Default::default() }
+    }
+
+    /// The upsert keeps the strongest status implied so far (`lifecycle::rank`), whatever
+    /// order the events of an order arrive in.
+    #[tokio::test]
+    async fn the_status_is_the_strongest_implied_whatever_the_arrival_order() {
+        use OrderStatus::*;
+        let (_store, mut ctx) = fresh().await;
+        apply(&mut ctx, reserved()).await;
+        apply(&mut ctx, created()).await;
+        assert_eq!(status(&mut ctx).await, Reserved);
+
+        let (_store, mut ctx) = fresh().await;
+        apply(&mut ctx, notified()).await;
+        apply(&mut ctx, created()).await;
+        apply(&mut ctx, paid()).await;
+        apply(&mut ctx, reserved()).await;
+        assert_eq!(status(&mut ctx).await, Completed);
+
+        let (_store, mut ctx) = fresh().await;
+        apply(&mut ctx, PaymentDeclined { order_id: ORDER.into(), ..Default::default() }).await;
+        apply(&mut ctx, reserved()).await;
+        apply(&mut ctx, created()).await;
+        assert_eq!(status(&mut ctx).await, Declined);
+
+        let (_store, mut ctx) = fresh().await;
+        apply(&mut ctx, created()).await;
+        apply(&mut ctx, InventoryRejected { order_id: ORDER.into(), ..Default::default() }).await;
+        assert_eq!(status(&mut ctx).await, Rejected);
+    }
+}
