@@ -13,11 +13,15 @@
 //!
 //! Batches (SQLite by default, see [`BusConfig::batch`]): the deliveries that are waiting when a
 //! queue's worker is free (at most the batch size) run one after the other in one transaction,
-//! each inside a savepoint. A failed handler rolls back to its savepoint and gets the outcome
-//! above; the others commit together and are then acknowledged. If a handler panics, the whole
-//! batch rolls back: the panicking delivery is retried and the others run again from scratch,
-//! each in its own transaction. Deliveries of a batch not yet started when shutdown begins are
-//! left unacknowledged and return to the queue.
+//! with one statement for all their inbox records and one for all the events they emit. If
+//! every handler succeeds, the batch commits and is acknowledged in one frame. If one fails (or
+//! panics), the transaction rolls back, that delivery alone gets its outcome above, and the
+//! others run again in one transaction with a savepoint each: a failed handler there rolls back
+//! to its savepoint and gets its outcome, the rest commit together. If a handler panics in
+//! that second pass, the transaction rolls back once more: the panicking delivery is retried and
+//! the others run again, each in its own transaction. A handler may so run up to three times for
+//! one delivery, but its effects commit once. Deliveries of a batch not yet started when
+//! shutdown begins are left unacknowledged and return to the queue.
 //!
 //! Nothing is acknowledged before its outcome is durable, so a crash at any point leads to a
 //! redelivery, never a loss, and the inbox turns the redelivery into a no-op if the effect
@@ -185,9 +189,105 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
         Ok((event, meta, span))
     }
 
+    /// Runs prepared deliveries in one transaction and fills in their outcomes (see the module's
+    /// table): optimistically first, and if a handler fails, that delivery alone gets its outcome
+    /// and the others run again with a savepoint each.
+    async fn run_batch(
+        &self,
+        prepared: Vec<(usize, E, Metadata, tracing::Span)>,
+        shared: &Shared,
+        intake: &CancellationToken,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        match self.run_optimistic(&prepared, shared, intake).await {
+            Pass::Committed(results) => {
+                for ((i, ..), outcome) in prepared.iter().zip(results) {
+                    outcomes[*i] = Some(outcome);
+                }
+            }
+            Pass::Unavailable(error) => {
+                for (i, _, _, span) in &prepared {
+                    let outcome = Outcome::Retry(error.clone());
+                    mark_failure(span, &outcome);
+                    outcomes[*i] = Some(outcome);
+                }
+            }
+            Pass::Failed { at, outcome } => {
+                let mut rest = prepared;
+                let (i, _, _, span) = rest.remove(at);
+                mark_failure(&span, &outcome);
+                outcomes[i] = Some(outcome);
+                if !rest.is_empty() {
+                    self.run_savepoints(rest, shared, intake, outcomes).await;
+                }
+            }
+        }
+    }
+
+    /// The usual case of a batch, in as few statements as possible: one transaction, one
+    /// statement for every inbox claim, the handlers, one statement for every outbox row, commit.
+    /// Stops at the first failed (or panicking) handler and rolls everything back.
+    async fn run_optimistic(&self, prepared: &[(usize, E, Metadata, tracing::Span)], shared: &Shared, intake: &CancellationToken) -> Pass {
+        let mut tx = match shared.store.begin().await {
+            Ok(tx) => tx,
+            Err(error) => return Pass::Unavailable(format!("opening a transaction: {error}")),
+        };
+        let ids: Vec<&str> = prepared.iter().map(|(_, _, meta, _)| meta.event_id.as_str()).collect();
+        let mut claimed = match store::claim_all(&mut tx, &ids, &self.name).await {
+            Ok(claimed) => claimed,
+            Err(error) => return Pass::Unavailable(format!("recording the inbox entries: {error}")),
+        };
+        let mut results = Vec::with_capacity(prepared.len());
+        let mut emitted = Vec::new();
+        for (at, (_, event, meta, span)) in prepared.iter().enumerate() {
+            if intake.is_cancelled() {
+                // Shutdown: the rest stay unacknowledged, so their claims must not commit.
+                let unstarted: Vec<&str> = ids[at..].iter().copied().filter(|id| claimed.contains(*id)).collect();
+                if let Err(error) = store::unclaim(&mut tx, &unstarted, &self.name).await {
+                    return Pass::Unavailable(format!("removing the inbox entries of unstarted deliveries: {error}"));
+                }
+                results.extend(prepared[at..].iter().map(|_| Outcome::Leave));
+                break;
+            }
+            // The first delivery of an id claimed it; any other is a duplicate.
+            if !claimed.remove(meta.event_id.as_str()) {
+                span.in_scope(|| tracing::info!("duplicate delivery acknowledged without effect"));
+                results.push(Outcome::Ack);
+                continue;
+            }
+            let mut ctx = Context::new(tx, meta.clone());
+            let handler_span = span.in_scope(|| spans::handler(&self.name));
+            let handled = AssertUnwindSafe(self.handler.handle(event.clone(), &mut ctx))
+                .catch_unwind()
+                .instrument(handler_span)
+                .instrument(span.clone())
+                .await;
+            let (back, mut events) = ctx.into_parts();
+            tx = back;
+            match handled {
+                Ok(Ok(())) => {
+                    emitted.append(&mut events);
+                    results.push(Outcome::Ack);
+                }
+                Ok(Err(error)) => return Pass::Failed { at, outcome: handler_failure(error) },
+                Err(panic) => return Pass::Failed { at, outcome: Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic))) },
+            }
+        }
+        if let Err(error) = store::stage(&mut tx, &emitted).await {
+            return Pass::Unavailable(format!("staging emitted events: {error}"));
+        }
+        if let Err(error) = tx.commit().await {
+            return Pass::Unavailable(format!("committing: {error}"));
+        }
+        if !emitted.is_empty() {
+            shared.store.wake_relay();
+        }
+        Pass::Committed(results)
+    }
+
     /// Runs prepared deliveries in one transaction, each in a savepoint, and fills in their
     /// outcomes (see the module's table).
-    async fn run_batch(
+    async fn run_savepoints(
         &self,
         prepared: Vec<(usize, E, Metadata, tracing::Span)>,
         shared: &Shared,
@@ -333,7 +433,17 @@ enum Handled {
     Broken(Outcome),
 }
 
-/// Where a batched delivery left its batch's transaction.
+/// How the optimistic pass of a batch ended (see `TypedRoute::run_optimistic`).
+enum Pass {
+    /// Committed: one outcome per prepared delivery, in order (`Ack`, or `Leave` at shutdown).
+    Committed(Vec<Outcome>),
+    /// The handler of the `at`-th prepared delivery failed: nothing committed.
+    Failed { at: usize, outcome: Outcome },
+    /// The database failed (begin, inbox, outbox or commit): nothing committed.
+    Unavailable(String),
+}
+
+/// Where a delivery of the savepoint pass left its batch's transaction.
 enum Step {
     /// The transaction goes on; this delivery's work is in it (`Ack`) or rolled back.
     Done { tx: Transaction<'static, Any>, outcome: Outcome, emitted: bool },

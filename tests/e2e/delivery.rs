@@ -218,9 +218,9 @@ async fn a_message_that_always_fails_is_dead_lettered_without_holding_up_others(
     running.stop().await;
 }
 
-/// On SQLite the deliveries that wait together run as one batch: one transaction, a savepoint
-/// each. A failing delivery rolls back alone; a panicking one rolls the whole batch back and
-/// its companions run again. Either way every effect lands exactly once.
+/// On SQLite the deliveries that wait together run as one batch, in one transaction. A failing
+/// or panicking delivery rolls the batch back and gets its own outcome (retry, dead letter);
+/// its companions run again and commit. Either way every effect lands exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_commits_each_good_delivery_once_and_fails_only_the_bad_ones() {
     let rig = Rig::new(Backend::Sqlite, |bus| {
@@ -263,15 +263,12 @@ async fn a_batch_commits_each_good_delivery_once_and_fails_only_the_bad_ones() {
         assert_eq!(rig.effects(id).await, expected, "{id}: effects");
     }
     let calls: HashMap<String, usize> = handler.calls.lock().unwrap().iter().map(|(id, c)| (id.clone(), c.len())).collect();
-    // The goods that shared panic-1's batch ran before it, were rolled back with it and ran
-    // once more: a run of goods right before it. Every other good ran once. (Where the broker's
-    // deliveries split into batches is up to the network, so the run's length is not fixed.)
+    // A good that shared a batch with poison-1 or panic-1 ran again after the failure rolled the
+    // batch back (up to three times when both shared it); its effect still committed once.
+    // Where the broker's deliveries split into batches is up to the network, so which goods
+    // ran again is not fixed.
     let goods: Vec<usize> = (0..29).filter(|i| *i != 10).collect();
-    let twice: Vec<usize> = goods.iter().copied().filter(|i| calls[&format!("good-{i}")] == 2).collect();
-    let once = goods.iter().filter(|i| calls[&format!("good-{i}")] == 1).count();
-    assert_eq!(twice.len() + once, goods.len(), "every good ran once or twice: {calls:?}");
-    assert!(twice.windows(2).all(|w| w[1] == w[0] + 1 || (w[0] == 9 && w[1] == 11)), "a contiguous run: {twice:?}");
-    assert!(twice.last().is_none_or(|last| *last == 28), "the run ends right before panic-1: {twice:?}");
+    assert!(goods.iter().all(|i| (1..=3).contains(&calls[&format!("good-{i}")])), "every good ran one to three times: {calls:?}");
     assert_eq!(calls["poison-1"], 2, "the failing delivery alone is retried, up to max_attempts");
     assert_eq!(calls["panic-1"], 2, "the panic is retried once, then succeeds");
     assert_eq!(rig.ready("test.flaky").await, 0, "everything was acknowledged");
@@ -294,6 +291,63 @@ async fn a_duplicate_delivery_has_no_second_effect() {
     assert_eq!(rig.effects("dup-1").await, 1, "one effect");
     assert_eq!(handler.calls.lock().unwrap()["dup-1"].len(), 1, "the duplicate never reached the handler");
     assert_eq!(rig.ready("test.flaky").await, 0, "the duplicate was acknowledged");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_inside_one_batch_has_no_second_effect() {
+    let rig = Rig::new(Backend::Sqlite, |_| {}).await;
+    rig.run(Flaky::default()).await.stop().await; // declares the queue
+    for id in ["first", "dup-2", "dup-2", "marker"] {
+        rig.publish(id).await;
+    }
+    // "first" runs alone and holds the consumer until the broker has sent the other three,
+    // which then wait together: one batch, one inbox statement for all three.
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
+    let running = rig.run(handler.clone()).await;
+    let mut last = None;
+    eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut last).await.expect("all delivered");
+    gate.add_permits(10);
+    rig.wait_effect("marker").await;
+
+    assert_eq!(rig.effects("dup-2").await, 1, "one effect");
+    assert_eq!(handler.calls.lock().unwrap()["dup-2"].len(), 1, "the duplicate never reached the handler");
+    assert_eq!(rig.ready("test.flaky").await, 0, "the duplicate was acknowledged");
+    running.stop().await;
+}
+
+/// SQLite: a batch stops at shutdown after the handler that is running; the deliveries it had
+/// not started return to the queue, and their inbox records (written for the whole batch up
+/// front) do not commit, so they are handled when they come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_batch_leaves_the_unstarted_deliveries_to_be_handled_later() {
+    let rig = Rig::new(Backend::Sqlite, |_| {}).await;
+    rig.run(Flaky::default()).await.stop().await; // declares the queue
+    let ids: Vec<String> = (0..6).map(|i| format!("s-{i}")).collect();
+    for id in &ids {
+        rig.publish(id).await;
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
+    let running = rig.run(handler.clone()).await;
+    let mut last = None;
+    eventually(|| async { Some(handler.calls.lock().unwrap().len()) }, |n| *n == 1, &mut last).await.expect("one handler running");
+    running.shutdown.trigger();
+    gate.add_permits(10);
+    running.stop().await;
+    assert_eq!(handler.calls.lock().unwrap().len(), 1, "nothing new was started after shutdown began");
+    assert_eq!(rig.ready("test.flaky").await, 5, "the unstarted deliveries went back to the queue");
+
+    let again = Flaky::default();
+    let running = rig.run(again.clone()).await;
+    for id in &ids {
+        rig.wait_effect(id).await;
+    }
+    for id in &ids {
+        assert_eq!(rig.effects(id).await, 1, "{id}: one effect");
+    }
+    assert_eq!(again.calls.lock().unwrap().len(), 5, "the five returned deliveries ran, none counted as a duplicate");
     running.stop().await;
 }
 
