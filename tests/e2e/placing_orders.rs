@@ -2,10 +2,12 @@
 //! overselling under concurrency. Each runs on SQLite and on PostgreSQL.
 
 use futures_util::future::join_all;
-use sluice::events::OrderCreated;
+use sluice::bus::Publisher;
+use sluice::events::{InventoryReserved, OrderCreated, OrderItem, PaymentCaptured};
 use sluice::pb::OrderStatus;
+use sqlx::Row;
 
-use crate::support::{Backend, TestApp, an_order, has_events};
+use crate::support::{Backend, Options, TestApp, an_order, eventually, has_events};
 
 crate::on_both_backends!(
     a_paid_order_completes_with_priced_lines_and_history,
@@ -13,6 +15,8 @@ crate::on_both_backends!(
     a_declined_payment_releases_the_reserved_stock,
     concurrent_orders_never_oversell,
     a_repeated_idempotency_key_places_one_order,
+    a_reservation_that_overtakes_its_order_is_charged_when_the_order_arrives,
+    an_order_and_its_reservation_arriving_together_are_charged_exactly_once,
 );
 
 async fn a_paid_order_completes_with_priced_lines_and_history(backend: Backend) {
@@ -108,5 +112,96 @@ async fn a_repeated_idempotency_key_places_one_order(backend: Backend) {
     assert_eq!(order.history.len(), 4, "one order, one history");
     let stock = app.stock("SKU-LIMITED").await;
     assert_eq!(stock.available, 3, "reserved once, not twice");
+    app.stop().await;
+}
+
+/// An order and its reservation, published by the test itself: inventory does not run, so
+/// the test decides which of the two payment sees first.
+fn halves(order_id: &str) -> (OrderCreated, InventoryReserved) {
+    let created = OrderCreated {
+        order_id: order_id.into(),
+        customer_id: "c-1".into(),
+        items: vec![OrderItem { sku: "SKU-1".into(), quantity: 1 }],
+        payment_token: "tok_visa".into(),
+        created_at: None,
+    };
+    let reserved = InventoryReserved { order_id: order_id.into(), customer_id: "c-1".into(), lines: Vec::new(), total_cents: 1_800 };
+    (created, reserved)
+}
+
+/// Payment's row of an order: (has_details, reserved_first_cents), if any.
+async fn payment_row(db: &sqlx::AnyPool, order_id: &str) -> Option<(i64, Option<i64>)> {
+    let row = sqlx::query("SELECT has_details, reserved_first_cents FROM payment_orders WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(db)
+        .await
+        .expect("reading payment's database")?;
+    Some((row.try_get("has_details").unwrap(), row.try_get("reserved_first_cents").unwrap()))
+}
+
+async fn a_reservation_that_overtakes_its_order_is_charged_when_the_order_arrives(backend: Backend) {
+    let app = TestApp::spawn_opts(Options { external: vec!["inventory"], ..Options::new(backend) }).await;
+    let db = sqlx::AnyPool::connect(&app.database_url("payment")).await.unwrap();
+    let mut payments = app.tap(&["payment.*"]).await;
+    let publisher = Publisher::connect(&app.bus, "test").await.unwrap();
+    let order_id = format!("o-{}", uuid::Uuid::new_v4().simple());
+    let (created, reserved) = halves(&order_id);
+
+    // The reservation first: payment keeps it, without a retry, until the order's details come.
+    publisher.publish(&reserved, &format!("{order_id}-reserved")).await.unwrap();
+    let mut last = None;
+    eventually(|| payment_row(&db, &order_id), |row| *row == (0, Some(1_800)), &mut last)
+        .await
+        .unwrap_or_else(|| panic!("payment did not keep the early reservation; its row: {last:?}"));
+
+    publisher.publish(&created, &format!("{order_id}-created")).await.unwrap();
+    let captured = tokio::time::timeout(crate::support::DEADLINE, payments.next()).await.expect("payment.captured in time").unwrap();
+    assert_eq!(captured.routing_key, "payment.captured");
+    let event: PaymentCaptured = captured.decode().unwrap();
+    assert_eq!((event.order_id.as_str(), event.amount_cents), (order_id.as_str(), 1_800));
+    let order = app.wait_for(&order_id, |o| o.status() == OrderStatus::Completed).await;
+    assert_eq!(order.status(), OrderStatus::Completed);
+    let charges: i64 = sqlx::query("SELECT COUNT(*) AS n FROM payments WHERE order_id = $1").bind(&order_id).fetch_one(&db).await.unwrap().try_get("n").unwrap();
+    assert_eq!(charges, 1, "one charge");
+    db.close().await;
+    publisher.close().await;
+    app.stop().await;
+}
+
+async fn an_order_and_its_reservation_arriving_together_are_charged_exactly_once(backend: Backend) {
+    const ORDERS: usize = 40;
+    let app = TestApp::spawn_opts(Options { external: vec!["inventory"], ..Options::new(backend) }).await;
+    let db = sqlx::AnyPool::connect(&app.database_url("payment")).await.unwrap();
+    let mut payments = app.tap(&["payment.*"]).await;
+    let publisher = Publisher::connect(&app.bus, "test").await.unwrap();
+    let ids: Vec<String> = (0..ORDERS).map(|i| format!("o-{i}-{}", uuid::Uuid::new_v4().simple())).collect();
+
+    // Both halves of every order at once, so that on PostgreSQL payment's two handlers meet
+    // on the same order concurrently.
+    let sends = ids.iter().map(|id| {
+        let publisher = publisher.clone();
+        async move {
+            let (created, reserved) = halves(id);
+            let (created_id, reserved_id) = (format!("{id}-created"), format!("{id}-reserved"));
+            let (a, b) = tokio::join!(publisher.publish(&created, &created_id), publisher.publish(&reserved, &reserved_id));
+            a.and(b).expect("publishing both halves");
+        }
+    });
+    join_all(sends).await;
+
+    let mut captured = std::collections::HashMap::new();
+    while captured.len() < ORDERS {
+        let message = tokio::time::timeout(crate::support::DEADLINE, payments.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {ORDERS} orders were charged; the others never were", captured.len()))
+            .unwrap();
+        assert_eq!(message.routing_key, "payment.captured");
+        *captured.entry(message.correlation_id.unwrap_or_default()).or_insert(0) += 1;
+    }
+    let charges: i64 = sqlx::query("SELECT COUNT(*) AS n FROM payments").fetch_one(&db).await.unwrap().try_get("n").unwrap();
+    assert_eq!(charges, ORDERS as i64, "one charge per order");
+    assert!(ids.iter().all(|id| captured.get(id) == Some(&1)), "each order captured once: {captured:?}");
+    db.close().await;
+    publisher.close().await;
     app.stop().await;
 }

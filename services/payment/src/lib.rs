@@ -16,8 +16,10 @@ pub const SERVICE: &str = "payment";
 /// Default port of the health endpoint (`SLUICE_OPS_ADDR`).
 pub const OPS_PORT: u16 = 9602;
 
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 100, description: "payments", sql: include_str!("../migrations/0100_payments.sql") }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 100, description: "payments", sql: include_str!("../migrations/0100_payments.sql") },
+    Migration { version: 101, description: "reservation first", sql: include_str!("../migrations/0101_reservation_first.sql") },
+];
 
 /// Reads payment's configuration from the environment.
 pub fn config_from_env() -> Result<ServiceConfig, ConfigError> {
@@ -28,7 +30,7 @@ pub fn config_from_env() -> Result<ServiceConfig, ConfigError> {
 pub async fn start(config: &ServiceConfig) -> Result<Consumer, Error> {
     let store = Store::connect(&config.database_url, MIGRATIONS).await?;
     Consumer::builder(SERVICE, &config.bus, &store)
-        .on(RecordPaymentDetails)
+        .on(RecordPaymentDetails::new(Sandbox))
         .on(CapturePayment::new(Sandbox))
         .start()
         .await

@@ -228,6 +228,11 @@ impl TestApp {
         env
     }
 
+    /// The database URL of service `name` (for reading its tables in assertions).
+    pub fn database_url(&self, name: &str) -> String {
+        self.services.iter().find(|s| s.name == name).expect("a known service").config.database_url.clone()
+    }
+
     /// The test's vhost.
     pub fn vhost(&self) -> &str {
         &self._vhost.name

@@ -1,12 +1,14 @@
 //! Charges the customer once inventory has reserved the order.
 
 use sluice::bus::{Context, Handler, HandlerError};
-use sluice::events::{InventoryReserved, PaymentCaptured, PaymentDeclined};
+use sluice::events::InventoryReserved;
 use sqlx::Row;
 
-use crate::provider::{Charge, Sandbox};
+use super::{Bill, charge};
+use crate::provider::Sandbox;
 
-/// `inventory.reserved` → `payment.captured` | `payment.declined`.
+/// `inventory.reserved` → `payment.captured` | `payment.declined`, now if the order's payment
+/// details are known, else when they arrive (see the module above).
 #[derive(Debug, Default)]
 pub struct CapturePayment {
     provider: Sandbox,
@@ -21,52 +23,29 @@ impl CapturePayment {
 
 impl Handler<InventoryReserved> for CapturePayment {
     async fn handle(&self, reserved: InventoryReserved, ctx: &mut Context) -> Result<(), HandlerError> {
-        let row = sqlx::query("SELECT payment_token FROM payment_orders WHERE order_id = $1")
-            .bind(&reserved.order_id)
-            .fetch_optional(ctx.db())
-            .await?;
-        // Both events come from the same order, through different queues: the reservation can
-        // overtake the order itself. Wait for it rather than guess.
-        let Some(row) = row else {
-            return Err(HandlerError::retry(format!("payment details of order {} not received yet", reserved.order_id)));
-        };
-        let token: String = row.try_get("payment_token")?;
-        let charge = self.provider.charge(&reserved.order_id, &token, reserved.total_cents);
-        let (status, payment_id, reason) = match &charge {
-            Charge::Captured { payment_id } => ("captured", payment_id.clone(), String::new()),
-            Charge::Declined { reason } => ("declined", String::new(), reason.clone()),
-        };
-        sqlx::query(
-            "INSERT INTO payments (order_id, payment_id, status, amount_cents, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        if reserved.order_id.is_empty() {
+            return Err(HandlerError::reject("reservation has no order id"));
+        }
+        // The order's row: created here if the details have not come yet (the reservation then
+        // waits in it), otherwise only locked and read.
+        let row = sqlx::query(
+            "INSERT INTO payment_orders (order_id, customer_id, payment_token, received_at, has_details, reserved_first_cents) \
+             VALUES ($1, $2, '', $3, 0, $4) \
+             ON CONFLICT (order_id) DO UPDATE SET received_at = payment_orders.received_at \
+             RETURNING has_details, payment_token",
         )
         .bind(&reserved.order_id)
-        .bind(&payment_id)
-        .bind(status)
-        .bind(reserved.total_cents)
-        .bind(&reason)
+        .bind(&reserved.customer_id)
         .bind(sluice::store::unix_millis())
-        .execute(ctx.db())
+        .bind(reserved.total_cents)
+        .fetch_one(ctx.db())
         .await?;
-        match charge {
-            Charge::Captured { payment_id } => {
-                tracing::info!(order_id = %reserved.order_id, amount_cents = reserved.total_cents, "payment captured");
-                ctx.emit(PaymentCaptured {
-                    order_id: reserved.order_id,
-                    customer_id: reserved.customer_id,
-                    payment_id,
-                    amount_cents: reserved.total_cents,
-                });
-            }
-            Charge::Declined { reason } => {
-                tracing::info!(order_id = %reserved.order_id, %reason, "payment declined");
-                ctx.emit(PaymentDeclined {
-                    order_id: reserved.order_id,
-                    customer_id: reserved.customer_id,
-                    reason,
-                    amount_cents: reserved.total_cents,
-                });
-            }
+        if row.try_get::<i64, _>("has_details")? == 0 {
+            tracing::info!(order_id = %reserved.order_id, "reserved before its payment details arrived; charged when they do");
+            return Ok(());
         }
-        Ok(())
+        let token: String = row.try_get("payment_token")?;
+        let bill = Bill { order_id: &reserved.order_id, customer_id: &reserved.customer_id, token: &token, amount_cents: reserved.total_cents };
+        charge(&self.provider, bill, ctx).await
     }
 }
