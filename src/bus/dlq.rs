@@ -32,7 +32,7 @@ use lapin::{
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde::Serialize;
 
-use super::{Error, headers, topology};
+use super::{Error, admin::Admin, headers, topology};
 use crate::config::{BusConfig, redact};
 
 /// Set on every replayed copy: the id of the replay run that sent it. A run that meets its own
@@ -304,38 +304,13 @@ impl DeadLetters {
 
     /// Names of the vhost's dead-letter queues, from the management API.
     async fn discover(&self, api: &str) -> Result<Vec<String>, Error> {
-        let url = format!("{}/api/queues/{}?columns=name", api.trim_end_matches('/'), percent_encode(&self.uri.vhost));
-        let user = &self.uri.authority.userinfo;
-        let authorization = {
-            use base64::Engine as _;
-            let pair = format!("{}:{}", user.username, user.password);
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
-        };
-        let unreachable = |reason: String| Error::Unavailable(format!("RabbitMQ management API at {api}: {reason}"));
-        let body = tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(10)))
-                .http_status_as_error(false)
-                .build()
-                .into();
-            let mut response = agent.get(&url).header("Authorization", &authorization).call().map_err(|e| e.to_string())?;
-            let status = response.status();
-            let body = response.body_mut().read_to_string().map_err(|e| e.to_string())?;
-            if !status.is_success() {
-                return Err(format!("HTTP {status}: {}", body.chars().take(200).collect::<String>()));
-            }
-            Ok(body)
-        })
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .map_err(unreachable)?;
-        #[derive(serde::Deserialize)]
-        struct ApiQueue {
-            name: String,
-        }
-        let queues: Vec<ApiQueue> =
-            serde_json::from_str(&body).map_err(|e| unreachable(format!("unexpected answer: {e}")))?;
-        let mut names: Vec<String> = queues.into_iter().map(|q| q.name).filter(|n| is_dead_letter_queue(n)).collect();
+        let admin = Admin::from_uri(&self.uri, api).with_timeout(Duration::from_secs(10));
+        let unreachable = |reason: String| Error::Unavailable(format!("RabbitMQ management API: {reason}"));
+        let queues = tokio::task::spawn_blocking(move || admin.queue_names(admin.vhost()))
+            .await
+            .map_err(|e| unreachable(format!("{api}: {e}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut names: Vec<String> = queues.into_iter().filter(|n| is_dead_letter_queue(n)).collect();
         names.sort_unstable();
         Ok(names)
     }
@@ -515,19 +490,6 @@ fn redact_secrets(value: &mut serde_json::Value) {
     }
 }
 
-/// Percent-encodes a vhost for a management API path (`/` is `%2F`).
-fn percent_encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod redaction_tests {
     use super::*;
@@ -605,11 +567,5 @@ mod tests {
         assert_eq!(json["headers"]["x-sluice-attempt"], 1);
         assert_eq!(json["body_base64"], "AQ==");
         assert_eq!(json["decode_error"], "unknown type");
-    }
-
-    #[test]
-    fn vhosts_are_percent_encoded() {
-        assert_eq!(percent_encode("/"), "%2F");
-        assert_eq!(percent_encode("sluice-test-1"), "sluice-test-1");
     }
 }

@@ -15,6 +15,7 @@
 //! link that reconnects with backoff and re-declares its topology and consumers. The
 //! acknowledgement policy is documented on [`consumer`]; it lives there and nowhere else.
 
+pub mod admin;
 pub mod connection;
 pub mod consumer;
 pub mod dlq;

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admin;
 mod auth;
 mod bad_input;
 mod compose;

@@ -148,7 +148,7 @@ fn load_average() -> String {
 /// Runs every scenario; `Ok(false)` when a check failed.
 async fn run(args: Args) -> anyhow::Result<bool> {
     let bin_dir = platform::bin_dir(args.bin_dir.as_deref())?;
-    let broker = broker::Broker::new(&args.amqp, &args.rabbitmq_api);
+    let broker = broker::Broker::new(&args.amqp, &args.rabbitmq_api)?;
     let version = broker.version().context("asking the management API for the broker version")?;
     eprintln!("RabbitMQ {version}; {} CPUs; load average {}", std::thread::available_parallelism().map_or(0, |n| n.get()), load_average());
     let vhost = broker.create_vhost()?;

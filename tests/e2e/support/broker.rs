@@ -1,34 +1,24 @@
-//! A fresh RabbitMQ vhost per test, created and deleted through the management API, so tests
-//! run in parallel against one broker and leave nothing behind.
+//! A fresh RabbitMQ vhost per test, created and deleted through the management API
+//! ([`sluice::bus::admin`]), so tests run in parallel against one broker and leave nothing
+//! behind.
 
-use std::time::Duration;
-
-use base64::Engine as _;
+use sluice::bus::admin::Admin;
 
 /// Where the broker is. Override with `SLUICE_TEST_AMQP` (`amqp://user:pass@host:port`, no
 /// vhost) and `SLUICE_TEST_RABBITMQ_API` (`http://host:15672`).
-fn amqp_base() -> String {
+pub fn amqp_base() -> String {
     std::env::var("SLUICE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
 }
 
-fn api_base() -> String {
+pub fn api_base() -> String {
     std::env::var("SLUICE_TEST_RABBITMQ_API").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
 }
 
-fn credentials() -> (String, String) {
-    let base = amqp_base();
-    let userinfo = base.split("://").nth(1).and_then(|rest| rest.split('@').next()).unwrap_or("guest:guest");
-    let (user, pass) = userinfo.split_once(':').unwrap_or(("guest", "guest"));
-    (user.to_owned(), pass.to_owned())
-}
-
-fn authorization() -> String {
-    let (user, pass) = credentials();
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).http_status_as_error(false).build().into()
+/// The management API, as the test user.
+pub fn admin() -> &'static Admin {
+    static ADMIN: std::sync::LazyLock<Admin> =
+        std::sync::LazyLock::new(|| Admin::new(&amqp_base(), &api_base()).expect("SLUICE_TEST_AMQP is an AMQP URL"));
+    &ADMIN
 }
 
 /// The broker is shared by every test; a test that restarts it or raises an alarm takes it
@@ -61,15 +51,14 @@ pub fn amqp_addr() -> std::net::SocketAddr {
 }
 
 /// The routing keys bound to `exchange` in `vhost`, as the management API lists them
-/// (bindings are listed at once, unlike the API's statistics).
+/// (bindings are listed at once, unlike the API's statistics); none while the exchange does
+/// not exist.
 pub fn binding_keys(vhost: &str, exchange: &str) -> Vec<String> {
-    let mut response = agent()
-        .get(format!("{}/api/exchanges/{vhost}/{exchange}/bindings/source", api_base()))
-        .header("Authorization", authorization())
-        .call()
-        .expect("listing bindings");
-    let bindings: Vec<serde_json::Value> = response.body_mut().read_json().unwrap_or_default();
-    bindings.iter().filter_map(|b| b["routing_key"].as_str().map(str::to_owned)).collect()
+    match admin().bindings(vhost, exchange) {
+        Ok(bindings) => bindings.into_iter().map(|b| b.routing_key).collect(),
+        Err(e) if e.status().is_some() => Vec::new(),
+        Err(e) => panic!("listing bindings: {e}"),
+    }
 }
 
 /// A vhost that exists for the lifetime of this value.
@@ -82,24 +71,7 @@ impl Vhost {
     /// Creates `sluice-test-<uuid>` and grants the test user everything on it.
     pub fn create() -> Self {
         let name = format!("sluice-test-{}", uuid::Uuid::new_v4().simple());
-        let agent = agent();
-        let response = agent
-            .put(format!("{}/api/vhosts/{name}", api_base()))
-            .header("Authorization", authorization())
-            .header("content-type", "application/json")
-            .send("{}")
-            .unwrap_or_else(|e| {
-                panic!("RabbitMQ management API unreachable at {} ({e}); run `rabbitmq-plugins enable rabbitmq_management`", api_base())
-            });
-        assert!(response.status().is_success(), "creating vhost {name}: HTTP {}", response.status());
-        let (user, _) = credentials();
-        let response = agent
-            .put(format!("{}/api/permissions/{name}/{user}", api_base()))
-            .header("Authorization", authorization())
-            .header("content-type", "application/json")
-            .send(r#"{"configure":".*","write":".*","read":".*"}"#)
-            .expect("granting permissions");
-        assert!(response.status().is_success(), "granting permissions on {name}: HTTP {}", response.status());
+        admin().create_vhost(&name).unwrap_or_else(|e| panic!("creating vhost {name}: {e}"));
         Self { name }
     }
 
@@ -111,9 +83,6 @@ impl Vhost {
 
 impl Drop for Vhost {
     fn drop(&mut self) {
-        let _ = agent()
-            .delete(format!("{}/api/vhosts/{}", api_base(), self.name))
-            .header("Authorization", authorization())
-            .call();
+        let _ = admin().delete_vhost(&self.name);
     }
 }
