@@ -151,6 +151,13 @@ impl TestApp {
         bus.retry.max_attempts = 8;
         let proxy = if options.proxy { Some(proxy::Proxy::start(broker::amqp_addr()).await) } else { None };
         let mut platform_bus = bus.clone();
+        if options.backend == Backend::Postgres {
+            // Each service's pool may grow to 16 PostgreSQL connections when its queues have
+            // that many handlers running; with a few tests at once that exhausts the server's
+            // 100 (`too many clients`), and deliveries fail until they are dead-lettered. Eight
+            // handlers per queue keep a test's platform well under its share.
+            platform_bus.prefetch = Some(8);
+        }
         if let Some(proxy) = &proxy {
             platform_bus.url = proxy.url(&vhost.name);
             platform_bus.confirm_timeout = Duration::from_secs(2);
@@ -214,6 +221,9 @@ impl TestApp {
             ("SLUICE_RETRY_MAX_ATTEMPTS".to_owned(), bus.retry.max_attempts.to_string()),
             ("SLUICE_OPS_ADDR".to_owned(), "off".to_owned()),
         ];
+        if let Some(prefetch) = bus.prefetch {
+            env.push(("SLUICE_PREFETCH".to_owned(), prefetch.to_string()));
+        }
         if let Some(amqps) = &self.amqps {
             // As an operator configures it: the plain amqps:// URL, and the CA file beside it.
             let url = env.iter_mut().find(|(name, _)| name == "SLUICE_AMQP_URL").expect("the URL is set");
