@@ -2,7 +2,7 @@
 //! broker (`beam.smp`) and of this load generator, from `/proc/<pid>/stat`. On a 2-core
 //! machine they all share the same cores, so this says who the bottleneck is.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -60,4 +60,23 @@ impl Usage {
         let parts: Vec<String> = used.iter().map(|(name, cores)| format!("{name} {cores:.2}")).collect();
         format!("{total:.2} cores: {}", parts.join(", "))
     }
+}
+
+/// Waits, at most `limit`, until the broker has used less than `threshold` cores over half a
+/// second: after a scenario, quorum queues go on writing and compacting their logs (and
+/// deleting the queues and messages of the run), and a scenario started meanwhile would pay for
+/// the previous one. Returns how long it waited, and whether the broker went quiet.
+pub async fn settle_broker(threshold: f64, limit: Duration) -> (Duration, bool) {
+    let started = Instant::now();
+    let Some(pid) = broker_pid() else { return (Duration::ZERO, false) };
+    let window = Duration::from_millis(500);
+    while started.elapsed() < limit {
+        let Some(before) = cpu_seconds(&pid) else { break };
+        tokio::time::sleep(window).await;
+        let Some(after) = cpu_seconds(&pid) else { break };
+        if (after - before) / window.as_secs_f64() < threshold {
+            return (started.elapsed(), true);
+        }
+    }
+    (started.elapsed(), false)
 }

@@ -164,6 +164,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for queues in [1, 3].into_iter().filter(|_| runs(Scenario::Baseline)) {
         for &window in &args.windows {
             eprintln!("broker baseline: {queues} queue(s), {window} in flight");
+            settle().await;
             let usage = cpu::Usage::start(&platform.pids());
             baselines.push(baseline::run(&vhost.url(), window, queues, args.warmup, args.duration).await?);
             eprintln!("  CPU {}", usage.report());
@@ -173,6 +174,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let (ceiling1, ceiling3) = (ceiling(1), ceiling(3));
 
     eprintln!("end to end: {} orders/s offered", args.e2e_rate);
+    if runs(Scenario::E2e) {
+        settle().await;
+    }
     let load = e2e::Load {
         rate: args.e2e_rate,
         max_calls: args.e2e_calls,
@@ -205,6 +209,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for &concurrency in args.concurrency.iter().filter(|_| runs(Scenario::Unary)) {
         purge(&channel, &order_created).await?;
         eprintln!("unary PlaceOrder: {concurrency} in flight");
+        settle().await;
         let usage = cpu::Usage::start(&platform.pids());
         let result = unary::run(platform.grpc_addr, concurrency, args.connections, args.warmup, args.duration).await?;
         eprintln!("  CPU {}", usage.report());
@@ -215,6 +220,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for &window in args.stream_windows.iter().filter(|_| runs(Scenario::Stream)) {
         purge(&channel, &order_created).await?;
         eprintln!("PublishStream: {window} in flight");
+        settle().await;
         let usage = cpu::Usage::start(&platform.pids());
         let result = stream::run(platform.grpc_addr, window, args.warmup, args.duration).await?;
         eprintln!("  CPU {}", usage.report());
@@ -356,6 +362,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         load_average(),
     );
     Ok(failed == 0)
+}
+
+/// Waits (at most 30 s) for the broker to finish the previous scenario's background work
+/// (quorum queue log writes and compaction, deleted queues) before the next one starts.
+async fn settle() {
+    let (waited, quiet) = cpu::settle_broker(0.1, Duration::from_secs(30)).await;
+    if quiet {
+        eprintln!("  broker idle after {:.1} s", waited.as_secs_f64());
+    } else {
+        eprintln!("  warning: the broker was still busy after {:.0} s; measuring anyway", waited.as_secs_f64());
+    }
 }
 
 /// Empties the queues bound to `order.created` before a run.
