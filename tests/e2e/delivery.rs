@@ -144,6 +144,14 @@ impl Rig {
             .unwrap_or_else(|| panic!("no effect for {event_id}"));
     }
 
+    /// `event_id`, delivered twice, had one effect, reached the handler once, and both copies
+    /// were acknowledged.
+    async fn assert_deduplicated(&self, handler: &Flaky, event_id: &str) {
+        assert_eq!(self.effects(event_id).await, 1, "one effect");
+        assert_eq!(handler.calls.lock().unwrap()[event_id].len(), 1, "the duplicate never reached the handler");
+        assert_eq!(self.ready("test.flaky").await, 0, "the duplicate was acknowledged");
+    }
+
     /// Ready messages in `queue` (unacknowledged ones are not counted).
     async fn ready(&self, queue: &str) -> u32 {
         let connection = Connection::connect(&self.bus.url, ConnectionProperties::default()).await.unwrap();
@@ -288,9 +296,7 @@ async fn a_duplicate_delivery_has_no_second_effect() {
     rig.publish("marker").await;
     rig.wait_effect("marker").await;
 
-    assert_eq!(rig.effects("dup-1").await, 1, "one effect");
-    assert_eq!(handler.calls.lock().unwrap()["dup-1"].len(), 1, "the duplicate never reached the handler");
-    assert_eq!(rig.ready("test.flaky").await, 0, "the duplicate was acknowledged");
+    rig.assert_deduplicated(&handler, "dup-1").await;
     running.stop().await;
 }
 
@@ -311,9 +317,7 @@ async fn a_duplicate_inside_one_batch_has_no_second_effect() {
     gate.add_permits(10);
     rig.wait_effect("marker").await;
 
-    assert_eq!(rig.effects("dup-2").await, 1, "one effect");
-    assert_eq!(handler.calls.lock().unwrap()["dup-2"].len(), 1, "the duplicate never reached the handler");
-    assert_eq!(rig.ready("test.flaky").await, 0, "the duplicate was acknowledged");
+    rig.assert_deduplicated(&handler, "dup-2").await;
     running.stop().await;
 }
 
