@@ -17,6 +17,7 @@ crate::on_both_backends!(
     a_repeated_idempotency_key_places_one_order,
     a_reservation_that_overtakes_its_order_is_charged_when_the_order_arrives,
     an_order_and_its_reservation_arriving_together_are_charged_exactly_once,
+    a_second_reservation_of_a_charged_order_charges_nothing_more,
 );
 
 async fn a_paid_order_completes_with_priced_lines_and_history(backend: Backend) {
@@ -201,6 +202,43 @@ async fn an_order_and_its_reservation_arriving_together_are_charged_exactly_once
     let charges: i64 = sqlx::query("SELECT COUNT(*) AS n FROM payments").fetch_one(&db).await.unwrap().try_get("n").unwrap();
     assert_eq!(charges, ORDERS as i64, "one charge per order");
     assert!(ids.iter().all(|id| captured.get(id) == Some(&1)), "each order captured once: {captured:?}");
+    db.close().await;
+    publisher.close().await;
+    app.stop().await;
+}
+
+async fn a_second_reservation_of_a_charged_order_charges_nothing_more(backend: Backend) {
+    let app = TestApp::spawn_opts(Options { external: vec!["inventory"], ..Options::new(backend) }).await;
+    let db = sqlx::AnyPool::connect(&app.database_url("payment")).await.unwrap();
+    let mut payments = app.tap(&["payment.*"]).await;
+    let publisher = Publisher::connect(&app.bus, "test").await.unwrap();
+    let order_id = format!("o-{}", uuid::Uuid::new_v4().simple());
+    let (created, reserved) = halves(&order_id);
+    publisher.publish(&created, &format!("{order_id}-created")).await.unwrap();
+    publisher.publish(&reserved, &format!("{order_id}-reserved")).await.unwrap();
+    let first = tokio::time::timeout(crate::support::DEADLINE, payments.next()).await.expect("payment.captured in time").unwrap();
+    assert_eq!(first.routing_key, "payment.captured");
+
+    // The same order reserved again, under another event id (the inbox cannot tell). It is
+    // handled (its inbox record commits; a failing handler's would not), without a charge.
+    let again = format!("{order_id}-reserved-again");
+    publisher.publish(&reserved, &again).await.unwrap();
+    let mut last = None;
+    let handled = || async {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM sluice_inbox WHERE event_id = $1").bind(&again).fetch_one(&db).await.ok()?;
+        row.try_get::<i64, _>("n").ok()
+    };
+    eventually(handled, |n| *n == 1, &mut last).await.expect("the second reservation was handled, not retried");
+    let charges: i64 = sqlx::query("SELECT COUNT(*) AS n FROM payments WHERE order_id = $1").bind(&order_id).fetch_one(&db).await.unwrap().try_get("n").unwrap();
+    assert_eq!(charges, 1, "one charge");
+
+    // Nothing was announced for it: the next payment event is a later order's.
+    let marker = format!("o-{}", uuid::Uuid::new_v4().simple());
+    let (marker_created, marker_reserved) = halves(&marker);
+    publisher.publish(&marker_created, &format!("{marker}-created")).await.unwrap();
+    publisher.publish(&marker_reserved, &format!("{marker}-reserved")).await.unwrap();
+    let next = tokio::time::timeout(crate::support::DEADLINE, payments.next()).await.expect("the marker's payment in time").unwrap();
+    assert_eq!(next.correlation_id.as_deref(), Some(marker.as_str()), "no second payment event for the order");
     db.close().await;
     publisher.close().await;
     app.stop().await;

@@ -26,14 +26,20 @@ struct Bill<'a> {
     amount_cents: i64,
 }
 
-/// Charges an order through `provider`, records the attempt and emits its outcome.
+/// Charges an order through `provider`, records the attempt and emits its outcome, once per
+/// order: the provider's charge is idempotent per order (see [`Sandbox::charge`]), and an order
+/// that already has its payment row (a second reservation of it, under another event id) is
+/// neither recorded nor announced again.
 async fn charge(provider: &Sandbox, bill: Bill<'_>, ctx: &mut Context) -> Result<(), HandlerError> {
     let charge = provider.charge(bill.order_id, bill.token, bill.amount_cents);
     let (status, payment_id, reason) = match &charge {
         Charge::Captured { payment_id } => ("captured", payment_id.clone(), String::new()),
         Charge::Declined { reason } => ("declined", String::new(), reason.clone()),
     };
-    sqlx::query("INSERT INTO payments (order_id, payment_id, status, amount_cents, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+    let recorded = sqlx::query(
+        "INSERT INTO payments (order_id, payment_id, status, amount_cents, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (order_id) DO NOTHING",
+    )
         .bind(bill.order_id)
         .bind(&payment_id)
         .bind(status)
@@ -42,6 +48,10 @@ async fn charge(provider: &Sandbox, bill: Bill<'_>, ctx: &mut Context) -> Result
         .bind(sluice::store::unix_millis())
         .execute(ctx.db())
         .await?;
+    if recorded.rows_affected() == 0 {
+        tracing::warn!(order_id = %bill.order_id, "order already charged; this reservation changes nothing");
+        return Ok(());
+    }
     let (order_id, customer_id, amount_cents) = (bill.order_id.to_owned(), bill.customer_id.to_owned(), bill.amount_cents);
     match charge {
         Charge::Captured { payment_id } => {
