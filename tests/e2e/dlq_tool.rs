@@ -15,14 +15,10 @@ use sluice::bus::headers::{self, Envelope};
 use sluice::events::{OrderCreated, OrderItem};
 use sluice::pb::OrderStatus;
 
-use crate::support::{Backend, TestApp, eventually};
+use crate::support::{Backend, TestApp, broker, eventually};
 
 const INVENTORY_DLQ: &str = "inventory.reserve-stock.dlq";
 const POISON: &[u8] = b"\xff\xff\xff not protobuf";
-
-fn rabbitmq_api() -> String {
-    std::env::var("SLUICE_TEST_RABBITMQ_API").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
-}
 
 /// A confirm-mode channel of the test's own, straight to the broker.
 async fn open_channel(app: &TestApp) -> (Connection, Channel) {
@@ -81,7 +77,7 @@ async fn dead_letters_are_listed_and_shown_with_their_failure_headers_without_be
     let mut last = None;
     let expected = ["inventory.reserve-stock.dlq", "orders.track-order-created.dlq", "payment.record-payment-details.dlq"]
         .map(|queue| QueueDepth { queue: queue.into(), messages: 2 });
-    let listed = eventually(|| async { dead_letters.list(&rabbitmq_api()).await.ok() }, |l| l[..] == expected, &mut last).await;
+    let listed = eventually(|| async { dead_letters.list(&broker::api_base()).await.ok() }, |l| l[..] == expected, &mut last).await;
     assert!(listed.is_some(), "listed {last:?}");
 
     // Show: both messages, decoded as far as they go, with the headers the consumer wrote.
@@ -248,7 +244,7 @@ async fn the_sluice_binary_lists_shows_replays_and_purges_dead_letters() {
     publish_poison(&channel, "poison-2").await;
     let dead_letters = DeadLetters::connect(&app.bus).await.unwrap();
     wait_for_depth(&dead_letters, INVENTORY_DLQ, 2).await;
-    let env = vec![("SLUICE_AMQP_URL", app.bus.url.clone()), ("SLUICE_RABBITMQ_API", rabbitmq_api())];
+    let env = vec![("SLUICE_AMQP_URL", app.bus.url.clone()), ("SLUICE_RABBITMQ_API", broker::api_base())];
 
     // list, with queue names (no management API involved).
     let (ok, out, err) = sluice(env.clone(), &["dlq", "list", INVENTORY_DLQ, "payment.record-payment-details.dlq"]).await;

@@ -43,11 +43,13 @@ pub async fn exclusive() -> BrokerGuard {
 
 /// host:port of the AMQP listener.
 pub fn amqp_addr() -> std::net::SocketAddr {
-    let base = amqp_base();
-    let hostport = base.rsplit('@').next().unwrap_or("127.0.0.1:5672").trim_end_matches('/');
-    let hostport = hostport.split('/').next().unwrap_or(hostport);
     use std::net::ToSocketAddrs;
-    hostport.to_socket_addrs().ok().and_then(|mut a| a.next()).expect("SLUICE_TEST_AMQP names a reachable host:port")
+    let uri: lapin::uri::AMQPUri = amqp_base().parse().expect("SLUICE_TEST_AMQP is an AMQP URL");
+    (uri.authority.host.as_str(), uri.authority.port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .expect("SLUICE_TEST_AMQP names a reachable host:port")
 }
 
 /// The routing keys bound to `exchange` in `vhost`, as the management API lists them
