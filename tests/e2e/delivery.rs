@@ -144,6 +144,22 @@ impl Rig {
             .unwrap_or_else(|| panic!("no effect for {event_id}"));
     }
 
+    /// Publishes `ids` while no consumer runs (after one has declared the queue), then starts
+    /// a consumer whose handler waits at a gate, and returns once the first delivery's handler
+    /// is running: the others then wait in the consumer, to be batched.
+    async fn queue_then_run_gated(&self, ids: &[String]) -> (Flaky, Arc<Semaphore>, Running) {
+        self.run(Flaky::default()).await.stop().await; // declares the queue
+        for id in ids {
+            self.publish(id).await;
+        }
+        let gate = Arc::new(Semaphore::new(0));
+        let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
+        let running = self.run(handler.clone()).await;
+        let mut last = None;
+        eventually(|| async { Some(handler.calls.lock().unwrap().len()) }, |n| *n == 1, &mut last).await.expect("the first handler started");
+        (handler, gate, running)
+    }
+
     /// `event_id`, delivered twice, had one effect, reached the handler once, and both copies
     /// were acknowledged.
     async fn assert_deduplicated(&self, handler: &Flaky, event_id: &str) {
@@ -244,17 +260,9 @@ async fn a_batch_commits_each_good_delivery_once_and_fails_only_the_bad_ones() {
             _ => format!("good-{i}"),
         })
         .collect();
-    rig.run(Flaky::default()).await.stop().await; // declares the queue
-    for id in &ids {
-        rig.publish(id).await;
-    }
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
-    let running = rig.run(handler.clone()).await;
     // The first batch holds at the gate until the broker has sent every message (none left
     // ready), so the later ones come in batches of several.
-    let mut last = None;
-    eventually(|| async { Some(handler.calls.lock().unwrap().len()) }, |n| *n == 1, &mut last).await.expect("good-0 started");
+    let (handler, gate, running) = rig.queue_then_run_gated(&ids).await;
     let mut last = None;
     eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut last).await.expect("all delivered");
     gate.add_permits(10_000);
@@ -303,15 +311,10 @@ async fn a_duplicate_delivery_has_no_second_effect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_inside_one_batch_has_no_second_effect() {
     let rig = Rig::new(Backend::Sqlite, |_| {}).await;
-    rig.run(Flaky::default()).await.stop().await; // declares the queue
-    for id in ["first", "dup-2", "dup-2", "marker"] {
-        rig.publish(id).await;
-    }
     // "first" runs alone and holds the consumer until the broker has sent the other three,
     // which then wait together: one batch, one inbox statement for all three.
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
-    let running = rig.run(handler.clone()).await;
+    let ids: Vec<String> = ["first", "dup-2", "dup-2", "marker"].map(String::from).to_vec();
+    let (handler, gate, running) = rig.queue_then_run_gated(&ids).await;
     let mut last = None;
     eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut last).await.expect("all delivered");
     gate.add_permits(10);
@@ -327,16 +330,8 @@ async fn a_duplicate_inside_one_batch_has_no_second_effect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_batch_leaves_the_unstarted_deliveries_to_be_handled_later() {
     let rig = Rig::new(Backend::Sqlite, |_| {}).await;
-    rig.run(Flaky::default()).await.stop().await; // declares the queue
     let ids: Vec<String> = (0..6).map(|i| format!("s-{i}")).collect();
-    for id in &ids {
-        rig.publish(id).await;
-    }
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Flaky { gate: Some(gate.clone()), ..Flaky::default() };
-    let running = rig.run(handler.clone()).await;
-    let mut last = None;
-    eventually(|| async { Some(handler.calls.lock().unwrap().len()) }, |n| *n == 1, &mut last).await.expect("one handler running");
+    let (handler, gate, running) = rig.queue_then_run_gated(&ids).await;
     running.shutdown.trigger();
     gate.add_permits(10);
     running.stop().await;

@@ -130,6 +130,32 @@ fn halves(order_id: &str) -> (OrderCreated, InventoryReserved) {
     (created, reserved)
 }
 
+/// A platform without inventory, a tap on payment's events, a publisher for the test's own
+/// events, and payment's database for assertions.
+struct PaymentRig {
+    app: TestApp,
+    db: sqlx::AnyPool,
+    payments: sluice::bus::Tap,
+    publisher: Publisher,
+}
+
+impl PaymentRig {
+    async fn spawn(backend: Backend) -> Self {
+        let app = TestApp::spawn_opts(Options { external: vec!["inventory"], ..Options::new(backend) }).await;
+        let db = sqlx::AnyPool::connect(&app.database_url("payment")).await.unwrap();
+        let payments = app.tap(&["payment.*"]).await;
+        let publisher = Publisher::connect(&app.bus, "test").await.unwrap();
+        Self { app, db, payments, publisher }
+    }
+
+    async fn stop(self) {
+        self.db.close().await;
+        self.publisher.close().await;
+        drop(self.payments);
+        self.app.stop().await;
+    }
+}
+
 /// Payment's row of an order: (has_details, reserved_first_cents), if any.
 async fn payment_row(db: &sqlx::AnyPool, order_id: &str) -> Option<(i64, Option<i64>)> {
     let row = sqlx::query("SELECT has_details, reserved_first_cents FROM payment_orders WHERE order_id = $1")
@@ -141,10 +167,7 @@ async fn payment_row(db: &sqlx::AnyPool, order_id: &str) -> Option<(i64, Option<
 }
 
 async fn a_reservation_that_overtakes_its_order_is_charged_when_the_order_arrives(backend: Backend) {
-    let app = TestApp::spawn_opts(Options { external: vec!["inventory"], ..Options::new(backend) }).await;
-    let db = sqlx::AnyPool::connect(&app.database_url("payment")).await.unwrap();
-    let mut payments = app.tap(&["payment.*"]).await;
-    let publisher = Publisher::connect(&app.bus, "test").await.unwrap();
+    let PaymentRig { app, db, mut payments, publisher } = PaymentRig::spawn(backend).await;
     let order_id = format!("o-{}", uuid::Uuid::new_v4().simple());
     let (created, reserved) = halves(&order_id);
 
@@ -164,17 +187,12 @@ async fn a_reservation_that_overtakes_its_order_is_charged_when_the_order_arrive
     assert_eq!(order.status(), OrderStatus::Completed);
     let charges: i64 = sqlx::query("SELECT COUNT(*) AS n FROM payments WHERE order_id = $1").bind(&order_id).fetch_one(&db).await.unwrap().try_get("n").unwrap();
     assert_eq!(charges, 1, "one charge");
-    db.close().await;
-    publisher.close().await;
-    app.stop().await;
+    PaymentRig { app, db, payments, publisher }.stop().await;
 }
 
 async fn an_order_and_its_reservation_arriving_together_are_charged_exactly_once(backend: Backend) {
     const ORDERS: usize = 40;
-    let app = TestApp::spawn_opts(Options { external: vec!["inventory"], ..Options::new(backend) }).await;
-    let db = sqlx::AnyPool::connect(&app.database_url("payment")).await.unwrap();
-    let mut payments = app.tap(&["payment.*"]).await;
-    let publisher = Publisher::connect(&app.bus, "test").await.unwrap();
+    let PaymentRig { app, db, mut payments, publisher } = PaymentRig::spawn(backend).await;
     let ids: Vec<String> = (0..ORDERS).map(|i| format!("o-{i}-{}", uuid::Uuid::new_v4().simple())).collect();
 
     // Both halves of every order at once, so that on PostgreSQL payment's two handlers meet
@@ -202,16 +220,11 @@ async fn an_order_and_its_reservation_arriving_together_are_charged_exactly_once
     let charges: i64 = sqlx::query("SELECT COUNT(*) AS n FROM payments").fetch_one(&db).await.unwrap().try_get("n").unwrap();
     assert_eq!(charges, ORDERS as i64, "one charge per order");
     assert!(ids.iter().all(|id| captured.get(id) == Some(&1)), "each order captured once: {captured:?}");
-    db.close().await;
-    publisher.close().await;
-    app.stop().await;
+    PaymentRig { app, db, payments, publisher }.stop().await;
 }
 
 async fn a_second_reservation_of_a_charged_order_charges_nothing_more(backend: Backend) {
-    let app = TestApp::spawn_opts(Options { external: vec!["inventory"], ..Options::new(backend) }).await;
-    let db = sqlx::AnyPool::connect(&app.database_url("payment")).await.unwrap();
-    let mut payments = app.tap(&["payment.*"]).await;
-    let publisher = Publisher::connect(&app.bus, "test").await.unwrap();
+    let PaymentRig { app, db, mut payments, publisher } = PaymentRig::spawn(backend).await;
     let order_id = format!("o-{}", uuid::Uuid::new_v4().simple());
     let (created, reserved) = halves(&order_id);
     publisher.publish(&created, &format!("{order_id}-created")).await.unwrap();
@@ -239,7 +252,5 @@ async fn a_second_reservation_of_a_charged_order_charges_nothing_more(backend: B
     publisher.publish(&marker_reserved, &format!("{marker}-reserved")).await.unwrap();
     let next = tokio::time::timeout(crate::support::DEADLINE, payments.next()).await.expect("the marker's payment in time").unwrap();
     assert_eq!(next.correlation_id.as_deref(), Some(marker.as_str()), "no second payment event for the order");
-    db.close().await;
-    publisher.close().await;
-    app.stop().await;
+    PaymentRig { app, db, payments, publisher }.stop().await;
 }
