@@ -45,7 +45,7 @@ use super::{
     Error, Publisher, Rpc,
     connection::{BoxFuture, Link, Session},
     handler::{Context, DRAIN_TIMEOUT, Handler, HandlerError, Metadata, Responder},
-    headers,
+    headers::{self, Envelope},
     relay, spans, topology,
 };
 use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Store}};
@@ -255,22 +255,14 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                 results.push(Outcome::Ack);
                 continue;
             }
-            let mut ctx = Context::new(tx, meta.clone());
-            let handler_span = span.in_scope(|| spans::handler(&self.name));
-            let handled = AssertUnwindSafe(self.handler.handle(event.clone(), &mut ctx))
-                .catch_unwind()
-                .instrument(handler_span)
-                .instrument(span.clone())
-                .await;
-            let (back, mut events) = ctx.into_parts();
+            let (back, mut events, called) = self.call(tx, event.clone(), meta.clone()).instrument(span.clone()).await;
             tx = back;
-            match handled {
-                Ok(Ok(())) => {
+            match called {
+                Called::Ok => {
                     emitted.append(&mut events);
                     results.push(Outcome::Ack);
                 }
-                Ok(Err(error)) => return Pass::Failed { at, outcome: handler_failure(error) },
-                Err(panic) => return Pass::Failed { at, outcome: Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic))) },
+                Called::Failed(outcome) | Called::Panicked(outcome) => return Pass::Failed { at, outcome },
             }
         }
         if let Err(error) = store::stage(&mut tx, &emitted).await {
@@ -407,18 +399,39 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
             }
             Err(error) => return Handled::Broken(Outcome::Retry(format!("recording the inbox entry: {error}"))),
         }
-        let mut ctx = Context::new(tx, meta);
-        let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
-        let (mut tx, emitted) = ctx.into_parts();
-        match result {
-            Ok(Ok(())) => match store::stage(&mut tx, &emitted).await {
+        let (mut tx, emitted, called) = self.call(tx, event, meta).await;
+        match called {
+            Called::Ok => match store::stage(&mut tx, &emitted).await {
                 Ok(()) => Handled::Done { tx, emitted: emitted.len() },
                 Err(error) => Handled::Failed { tx, outcome: Outcome::Retry(format!("staging emitted events: {error}")) },
             },
-            Ok(Err(error)) => Handled::Failed { tx, outcome: handler_failure(error) },
-            Err(panic) => Handled::Broken(Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic)))),
+            Called::Failed(outcome) => Handled::Failed { tx, outcome },
+            Called::Panicked(outcome) => Handled::Broken(outcome),
         }
     }
+
+    /// Calls the handler inside `tx`, in its handler span (a child of the current span), with a
+    /// panic caught. Returns the transaction, the events the handler emitted and what it said.
+    async fn call(&self, tx: Transaction<'static, Any>, event: E, meta: Metadata) -> (Transaction<'static, Any>, Vec<Envelope>, Called) {
+        let mut ctx = Context::new(tx, meta);
+        let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
+        let (tx, emitted) = ctx.into_parts();
+        let called = match result {
+            Ok(Ok(())) => Called::Ok,
+            Ok(Err(error)) => Called::Failed(handler_failure(error)),
+            Err(panic) => Called::Panicked(Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic)))),
+        };
+        (tx, emitted, called)
+    }
+}
+
+/// What a handler call said (see `TypedRoute::call`).
+enum Called {
+    Ok,
+    /// It returned an error: this outcome, its work to be rolled back.
+    Failed(Outcome),
+    /// It panicked: retried, and the transaction is not to be trusted.
+    Panicked(Outcome),
 }
 
 /// What became of one delivery inside a transaction (see `TypedRoute::handle_in`).
