@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-/// Latencies in microseconds, 1 µs to 10 minutes, 3 significant digits.
 /// What one run through the gateway measured (unary calls or a stream's events).
 pub struct GatewayRun {
     /// Calls answered OK (or events acked as confirmed) inside the measured window, per second.
@@ -19,6 +18,7 @@ pub struct GatewayRun {
     pub failed: u64,
 }
 
+/// Latencies in microseconds, 1 µs to 10 minutes, 3 significant digits.
 pub fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 600_000_000, 3)?)
 }
