@@ -2,11 +2,27 @@
 //! over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and W3C trace-context propagation.
 //!
 //! With no exporter configured there is no exporter: spans cost a `tracing` span, nothing more.
+//!
+//! `RUST_LOG` decides which events are logged, not what is traced: spans at `info` and above
+//! are always recorded (so trace context still propagates, and a `warn` line still carries its
+//! span's trace id, when the logs are set to `warn`).
 
 use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{SdkTracer, SdkTracerProvider},
+};
+use tracing::{Level, Metadata, Subscriber};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt, filter_fn},
+    fmt::MakeWriter,
+    layer::{Filter, SubscriberExt},
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
 
 use crate::config::{ConfigError, Source};
 
@@ -98,18 +114,43 @@ pub fn init_propagation() {
     global::set_text_map_propagator(TraceContextPropagator::new());
 }
 
-/// Installs logging, tracing export and propagation for this process. Call once, in `main`.
-pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
-    init_propagation();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt_layer = match config.log_format {
+/// What `RUST_LOG` enables (default `info`), plus every span at `info` and above whatever it
+/// says: the log level must not switch tracing off.
+fn filter<S>(directives: Option<&str>) -> impl Filter<S> + use<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let logged = directives.and_then(|d| EnvFilter::try_new(d).ok()).unwrap_or_else(|| EnvFilter::new("info"));
+    logged.or(filter_fn(|meta: &Metadata<'_>| meta.is_span() && *meta.level() <= Level::INFO))
+}
+
+/// Log lines to `writer` as `format`, filtered by `directives` (`RUST_LOG` syntax), and spans to
+/// `tracer`.
+fn subscriber<W>(format: LogFormat, directives: Option<&str>, tracer: SdkTracer, writer: W) -> impl Subscriber + Send + Sync + 'static
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt_layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(true)
+            .with_writer(writer)
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
-    };
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
+    }
+    .with_filter(filter(directives));
+    // lapin's connection I/O loop is a span of its own that lives as long as the connection:
+    // not part of any request's story, so it is not exported.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(filter(directives).and(filter_fn(|meta| !meta.target().starts_with("lapin"))));
+    tracing_subscriber::registry().with(fmt_layer).with(otel_layer)
+}
+
+/// Installs logging, tracing export and propagation for this process. Call once, in `main`.
+pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    init_propagation();
     // Spans always get OpenTelemetry ids (so every log line can carry its trace id); they are
     // exported only when an endpoint is configured, by a batch processor on its own thread, so
     // a slow or absent collector never blocks the hot path.
@@ -126,16 +167,53 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     let provider = builder.build();
     global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer(config.service_name.clone());
-    // lapin's connection I/O loop is a span of its own that lives as long as the connection:
-    // not part of any request's story, so it is not exported.
-    let otel_layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(tracing_subscriber::filter::filter_fn(|meta| !meta.target().starts_with("lapin")));
     let provider = config.otlp_endpoint.is_some().then_some(provider);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
-        .with(otel_layer)
-        .try_init()?;
+    let directives = std::env::var("RUST_LOG").ok();
+    subscriber(config.log_format, directives.as_deref(), tracer, std::io::stdout).try_init()?;
     Ok(TelemetryGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::bus::headers::TraceContext;
+
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("logs").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn logging_at_warn_still_traces_and_warn_lines_carry_the_trace_id() {
+        init_propagation();
+        let provider = SdkTracerProvider::builder().build();
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = subscriber(LogFormat::Json, Some("warn"), provider.tracer("test"), move || writer.clone());
+        let traceparent = tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("handle", trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+            record_ids(&span);
+            let _entered = span.enter();
+            tracing::info!("below the log level");
+            tracing::warn!("at the log level");
+            TraceContext::current().traceparent
+        });
+        let traceparent = traceparent.expect("the info span is traced and its context propagates");
+        let trace_id = traceparent.split('-').nth(1).expect("a W3C traceparent");
+        let text = String::from_utf8(logs.0.lock().expect("logs").clone()).expect("utf-8 logs");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "only the warn line is logged: {text}");
+        assert!(lines[0].contains("at the log level"), "{text}");
+        assert!(lines[0].contains(&format!("\"trace_id\":\"{trace_id}\"")), "the warn line carries the trace id: {text}");
+    }
 }
