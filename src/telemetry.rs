@@ -7,20 +7,27 @@
 //! are always recorded (so trace context still propagates, and a `warn` line still carries its
 //! span's trace id, when the logs are set to `warn`).
 
-use opentelemetry::{global, trace::TracerProvider as _};
+use std::sync::{Arc, OnceLock};
+
+use opentelemetry::{
+    global,
+    trace::{TraceContextExt as _, TracerProvider as _},
+};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
     trace::{SdkTracer, SdkTracerProvider},
 };
-use tracing::{Level, Metadata, Subscriber};
+use tracing::{
+    Dispatch, Level, Metadata,
+    dispatcher::WeakDispatch,
+};
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::{FilterExt, filter_fn},
     fmt::MakeWriter,
-    layer::{Filter, SubscriberExt},
-    registry::LookupSpan,
+    layer::SubscriberExt,
     util::SubscriberInitExt,
 };
 
@@ -95,57 +102,70 @@ pub enum TelemetryError {
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
 
-/// Records the span's OpenTelemetry ids as its `trace_id` / `span_id` fields (declare them
-/// `tracing::field::Empty`), so JSON log lines inside the span carry them.
-pub fn record_ids(span: &tracing::Span) {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let context = span.context();
-    let otel = context.span();
-    let ids = otel.span_context();
-    if ids.is_valid() {
-        span.record("trace_id", ids.trace_id().to_string());
-        span.record("span_id", ids.span_id().to_string());
-    }
-}
-
 /// Installs W3C trace-context propagation only (what the bus needs to carry `traceparent`).
 pub fn init_propagation() {
     global::set_text_map_propagator(TraceContextPropagator::new());
 }
 
-/// What `RUST_LOG` enables (default `info`), plus every span at `info` and above whatever it
-/// says: the log level must not switch tracing off.
-fn filter<S>(directives: Option<&str>) -> impl Filter<S> + use<S>
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    let logged = directives.and_then(|d| EnvFilter::try_new(d).ok()).unwrap_or_else(|| EnvFilter::new("info"));
-    logged.or(filter_fn(|meta: &Metadata<'_>| meta.is_span() && *meta.level() <= Level::INFO))
+/// The log lines `RUST_LOG` asks for (default `info`).
+fn logged(directives: Option<&str>) -> EnvFilter {
+    directives.and_then(|d| EnvFilter::try_new(d).ok()).unwrap_or_else(|| EnvFilter::new("info"))
 }
 
 /// Log lines to `writer` as `format`, filtered by `directives` (`RUST_LOG` syntax), and spans to
 /// `tracer`.
-fn subscriber<W>(format: LogFormat, directives: Option<&str>, tracer: SdkTracer, writer: W) -> impl Subscriber + Send + Sync + 'static
+///
+/// The log level does not switch tracing off: every span at `info` and above is traced whatever
+/// `RUST_LOG` says. The log layer keeps the fields only of the spans `RUST_LOG` enables (keeping
+/// them costs every span, logged in or not); a JSON line inside any traced span carries its
+/// OpenTelemetry `trace_id` and `span_id`, read when the line is written.
+fn dispatch<W>(format: LogFormat, directives: Option<&str>, tracer: SdkTracer, writer: W) -> Dispatch
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
+    // The ids live with the OpenTelemetry layer, reached through the dispatcher itself, which
+    // exists only once the subscriber is built; inside an event it is not the "current" one.
+    let this: Arc<OnceLock<WeakDispatch>> = Arc::default();
     let fmt_layer = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .with_writer(writer)
-            .boxed(),
+        LogFormat::Json => {
+            let mut layer = json_subscriber::fmt::layer().with_current_span(true).with_span_list(true).with_writer(writer);
+            let this = this.clone();
+            layer.inner_layer_mut().add_multiple_dynamic_fields(move |event, _, fields| {
+                let Some(dispatch) = this.get().and_then(WeakDispatch::upgrade) else { return };
+                let span = match event.parent() {
+                    Some(parent) => Some(parent.clone()),
+                    None if event.is_contextual() => dispatch.current_span().id().cloned(),
+                    None => None,
+                };
+                let Some(context) = span.and_then(|span| tracing_opentelemetry::get_otel_context(&span, &dispatch)) else { return };
+                let ids = context.span().span_context().clone();
+                if ids.is_valid() {
+                    let _ = fields.write_field("trace_id", ids.trace_id().to_string());
+                    let _ = fields.write_field("span_id", ids.span_id().to_string());
+                }
+            });
+            layer.boxed()
+        }
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     }
-    .with_filter(filter(directives));
-    // lapin's connection I/O loop is a span of its own that lives as long as the connection:
-    // not part of any request's story, so it is not exported.
+    .with_filter(logged(directives));
+    let traced = logged(directives)
+        .or(filter_fn(|meta: &Metadata<'_>| meta.is_span() && *meta.level() <= Level::INFO))
+        // lapin's connection I/O loop is a span of its own that lives as long as the
+        // connection: not part of any request's story, so it is not exported.
+        .and(filter_fn(|meta| !meta.target().starts_with("lapin")));
+    // Our code reads contexts from `tracing` spans (`OpenTelemetrySpanExt`), never from
+    // OpenTelemetry's thread-local current context, so no span needs activating on entry; and
+    // busy/idle times and thread attributes are not worth their cost on every span.
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(filter(directives).and(filter_fn(|meta| !meta.target().starts_with("lapin"))));
-    tracing_subscriber::registry().with(fmt_layer).with(otel_layer)
+        .with_context_activation(false)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_filter(traced);
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(fmt_layer).with(otel_layer));
+    let _ = this.set(dispatch.downgrade());
+    dispatch
 }
 
 /// Installs logging, tracing export and propagation for this process. Call once, in `main`.
@@ -169,7 +189,7 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     let tracer = provider.tracer(config.service_name.clone());
     let provider = config.otlp_endpoint.is_some().then_some(provider);
     let directives = std::env::var("RUST_LOG").ok();
-    subscriber(config.log_format, directives.as_deref(), tracer, std::io::stdout).try_init()?;
+    dispatch(config.log_format, directives.as_deref(), tracer, std::io::stdout).try_init()?;
     Ok(TelemetryGuard { provider })
 }
 
@@ -193,27 +213,53 @@ mod tests {
         }
     }
 
-    #[test]
-    fn logging_at_warn_still_traces_and_warn_lines_carry_the_trace_id() {
+    /// Logs `warn!` and `info!` inside an info span, under `directives`: (the span's
+    /// traceparent, the log lines).
+    fn log_in_a_span(directives: &str) -> (String, Vec<serde_json::Value>) {
         init_propagation();
         let provider = SdkTracerProvider::builder().build();
         let logs = Logs::default();
         let writer = logs.clone();
-        let subscriber = subscriber(LogFormat::Json, Some("warn"), provider.tracer("test"), move || writer.clone());
-        let traceparent = tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("handle", trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
-            record_ids(&span);
+        let dispatch = dispatch(LogFormat::Json, Some(directives), provider.tracer("test"), move || writer.clone());
+        let traceparent = tracing::dispatcher::with_default(&dispatch, || {
+            let span = tracing::info_span!("handle", order_id = "o-1");
             let _entered = span.enter();
-            tracing::info!("below the log level");
-            tracing::warn!("at the log level");
+            tracing::info!("info line");
+            tracing::warn!("warn line");
             TraceContext::current().traceparent
         });
         let traceparent = traceparent.expect("the info span is traced and its context propagates");
-        let trace_id = traceparent.split('-').nth(1).expect("a W3C traceparent");
         let text = String::from_utf8(logs.0.lock().expect("logs").clone()).expect("utf-8 logs");
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 1, "only the warn line is logged: {text}");
-        assert!(lines[0].contains("at the log level"), "{text}");
-        assert!(lines[0].contains(&format!("\"trace_id\":\"{trace_id}\"")), "the warn line carries the trace id: {text}");
+        (traceparent, text.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect())
+    }
+
+    fn ids(traceparent: &str) -> (&str, &str) {
+        match traceparent.split('-').collect::<Vec<_>>()[..] {
+            [_, trace_id, span_id, _] => (trace_id, span_id),
+            _ => panic!("not a W3C traceparent: {traceparent}"),
+        }
+    }
+
+    #[test]
+    fn logging_at_warn_still_traces_and_warn_lines_carry_the_trace_id() {
+        let (traceparent, lines) = log_in_a_span("warn");
+        let (trace_id, span_id) = ids(&traceparent);
+        assert_eq!(lines.len(), 1, "only the warn line is logged: {lines:?}");
+        assert_eq!(lines[0]["fields"]["message"], "warn line");
+        assert_eq!(lines[0]["trace_id"], trace_id, "the warn line carries the trace id: {lines:?}");
+        assert_eq!(lines[0]["span_id"], span_id, "and the span id: {lines:?}");
+    }
+
+    #[test]
+    fn logging_at_info_lines_carry_the_ids_and_the_span_fields() {
+        let (traceparent, lines) = log_in_a_span("info");
+        let (trace_id, span_id) = ids(&traceparent);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in &lines {
+            assert_eq!(line["trace_id"], trace_id, "{line}");
+            assert_eq!(line["span_id"], span_id, "{line}");
+            assert_eq!(line["span"]["name"], "handle", "{line}");
+            assert_eq!(line["span"]["order_id"], "o-1", "{line}");
+        }
     }
 }

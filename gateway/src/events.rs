@@ -123,7 +123,6 @@ fn envelope_of(tapped: sluice::bus::Tapped) -> EventEnvelope {
 
 #[tonic::async_trait]
 impl EventGateway for Events {
-    #[tracing::instrument(name = "Publish", skip_all)]
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
         let metadata = request.metadata().clone();
         Ok(Response::new(self.publish_one(request.into_inner(), &metadata).await?))
@@ -131,7 +130,6 @@ impl EventGateway for Events {
 
     type PublishStreamStream = BoxStream<PublishStreamResponse>;
 
-    #[tracing::instrument(name = "PublishStream", skip_all)]
     async fn publish_stream(
         &self,
         request: Request<Streaming<PublishStreamRequest>>,
@@ -177,7 +175,6 @@ impl EventGateway for Events {
 
     type SubscribeStream = BoxStream<EventEnvelope>;
 
-    #[tracing::instrument(name = "Subscribe", skip_all)]
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let metadata = request.metadata().clone();
         let patterns = request.into_inner().patterns;

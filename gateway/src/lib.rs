@@ -173,7 +173,9 @@ impl Gateway {
     }
 }
 
-/// Server span per call, joined to the caller's trace when it sent `traceparent`.
+/// Server span per call, joined to the caller's trace when it sent `traceparent`. The handlers
+/// record the ids they know (`order_id`, `event_id`) on it rather than opening a span of their
+/// own: one span per call.
 mod tracing_opentelemetry_ext {
     use opentelemetry::propagation::Extractor;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -198,11 +200,10 @@ mod tracing_opentelemetry_ext {
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.method = %path,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
+            order_id = tracing::field::Empty,
+            event_id = tracing::field::Empty,
         );
         let _ = span.set_parent(parent);
-        sluice::telemetry::record_ids(&span);
         span
     }
 }

@@ -113,7 +113,6 @@ fn map_wait_error(error: BusError, caller_limited: bool, what: &'static str) -> 
 
 #[tonic::async_trait]
 impl OrderService for Orders {
-    #[tracing::instrument(name = "PlaceOrder", skip_all, fields(order_id, event_id))]
     async fn place_order(&self, request: Request<PlaceOrderRequest>) -> Result<Response<PlaceOrderResponse>, Status> {
         auth::may_publish(&self.auth, request.metadata(), OrderCreated::ROUTING_KEY)?;
         let (budget, caller_limited) = self.wait_budget(&request);
@@ -152,7 +151,6 @@ impl OrderService for Orders {
         Ok(Response::new(PlaceOrderResponse { order_id, event_id }))
     }
 
-    #[tracing::instrument(name = "GetOrder", skip_all, fields(order_id))]
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
         auth::may_subscribe(&self.auth, request.metadata(), &[OrderCreated::ROUTING_KEY.to_owned()])?;
         let (budget, caller_limited) = self.wait_budget(&request);
@@ -163,7 +161,6 @@ impl OrderService for Orders {
 
     type WatchOrderStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
 
-    #[tracing::instrument(name = "WatchOrder", skip_all, fields(order_id))]
     async fn watch_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Self::WatchOrderStream>, Status> {
         auth::may_subscribe(&self.auth, request.metadata(), &[OrderCreated::ROUTING_KEY.to_owned()])?;
         let order_id = request.into_inner().order_id;

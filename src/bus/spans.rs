@@ -1,11 +1,11 @@
 //! Spans of the OpenTelemetry messaging conventions for RabbitMQ: a PRODUCER span per publish
 //! (`send <exchange>:<routing key>`), a CONSUMER span per delivery (`process <queue>`) whose
 //! parent is the context carried in the message headers, and an INTERNAL span per handler
-//! call. Each records its trace and span ids as fields, so JSON log lines inside it carry them.
+//! call. JSON log lines inside any of them carry its trace and span ids (see `telemetry`).
 
 use lapin::{types::FieldTable, uri::AMQPUri};
 use opentelemetry::trace::Status;
-use tracing::{Span, field::Empty};
+use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::headers::TraceContext;
@@ -25,16 +25,12 @@ impl Server {
     }
 }
 
-pub(crate) use crate::telemetry::record_ids;
-
 /// A PRODUCER span for one publish, child of the current span.
 pub(crate) fn producer(exchange: &str, routing_key: &str, message_id: &str, order_id: Option<&str>, server: &Server) -> Span {
-    let span = producer_span(exchange, routing_key, message_id, order_id, server);
-    record_ids(&span);
-    span
+    producer_span(exchange, routing_key, message_id, order_id, server)
 }
 
-/// The span itself; its ids are fixed by the first `record_ids` (so set a parent before).
+/// The span itself; set its parent before anything reads its context (that fixes its ids).
 fn producer_span(exchange: &str, routing_key: &str, message_id: &str, order_id: Option<&str>, server: &Server) -> Span {
     tracing::info_span!(
         "send",
@@ -49,8 +45,6 @@ fn producer_span(exchange: &str, routing_key: &str, message_id: &str, order_id: 
         server.port = server.port,
         event_id = %message_id,
         order_id = order_id.unwrap_or(""),
-        trace_id = Empty,
-        span_id = Empty,
     )
 }
 
@@ -66,7 +60,6 @@ pub(crate) fn producer_in(parent: &TraceContext, exchange: &str, routing_key: &s
         super::headers::set_str(&mut carrier, "tracestate", tracestate);
     }
     let _ = span.set_parent(TraceContext::extract(&carrier));
-    record_ids(&span);
     span
 }
 
@@ -97,19 +90,14 @@ pub(crate) fn consumer(delivered: &Delivered<'_>, headers: &FieldTable, server: 
         order_id = %delivered.order_id,
         handler = %delivered.handler,
         attempt = delivered.attempt,
-        trace_id = Empty,
-        span_id = Empty,
     );
     let _ = span.set_parent(TraceContext::extract(headers));
-    record_ids(&span);
     span
 }
 
 /// The span of one handler call, inside the CONSUMER span.
 pub(crate) fn handler(name: &str) -> Span {
-    let span = tracing::info_span!("handle", otel.name = %format!("{name} handle"), handler = %name, trace_id = Empty, span_id = Empty);
-    record_ids(&span);
-    span
+    tracing::info_span!("handle", otel.name = %format!("{name} handle"), handler = %name)
 }
 
 /// Marks a span failed, with the error recorded on it.

@@ -251,7 +251,15 @@ async fn one_order_is_one_trace_across_every_process() {
     // Logs of a handled delivery carry the trace id of its span.
     let lines = inventory_lines.lock().unwrap();
     let reserved = lines.iter().find(|l| l.contains("stock reserved") && l.contains(&accepted.order_id)).expect("inventory logged the reservation");
-    assert!(reserved.contains(&caller_trace), "the log line carries the trace id: {reserved}");
+    let line: serde_json::Value = serde_json::from_str(reserved).expect("a JSON log line");
+    assert_eq!(line["trace_id"], caller_trace.as_str(), "the log line carries the trace id: {reserved}");
+    let process = spans.iter().find(|r| r.span.name == "process inventory.reserve-stock").expect("the reservation's consumer span");
+    let handle = spans
+        .iter()
+        .find(|r| r.span.parent_span_id == process.span.span_id && r.span.name.ends_with(" handle"))
+        .expect("the reservation's handler span");
+    assert_eq!(line["span_id"], hex(&handle.span.span_id).as_str(), "and the id of the span it was logged in: {reserved}");
+    println!("inventory's log line: {reserved}");
 
     // The tree, for the record.
     fn print(tree: &HashMap<String, Vec<&Received>>, id: &str, depth: usize) {

@@ -1,7 +1,8 @@
 //! The platform under test, started as `scripts/platform` starts it: the four services, each
 //! awaited through its own `<binary> health` probe, then the gateway. Every process gets its
 //! own SQLite database and log file in the run's temp dir, the benchmark vhost and
-//! `RUST_LOG=warn`. Stopped with SIGTERM, as an orchestrator would.
+//! `RUST_LOG=warn` (or the benchmark's own `RUST_LOG`, to measure another log level). Stopped
+//! with SIGTERM, as an orchestrator would.
 
 use std::{
     fs::File,
@@ -92,7 +93,7 @@ impl Platform {
             .env("OTEL_SERVICE_NAME", format!("sluice-{name}"))
             .env("SLUICE_OPS_ADDR", ops_addr)
             .env("SLUICE_AMQP_URL", amqp_url)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("SLUICE_AUTH_TOKENS")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -185,7 +186,7 @@ fn describe(ended: std::io::Result<ExitStatus>) -> String {
     }
 }
 
-/// What the processes logged at warn level and above (`RUST_LOG=warn`), from their log files.
+/// What the processes logged at warn level and above, from their log files.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Logged {
     pub warnings: usize,
