@@ -22,12 +22,15 @@ use opentelemetry_sdk::{
 use tracing::{
     Dispatch, Level, Metadata,
     dispatcher::WeakDispatch,
+    field::{Field, Visit},
+    span::{self, Attributes, Record},
 };
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::{FilterExt, filter_fn},
     fmt::MakeWriter,
-    layer::SubscriberExt,
+    layer::{Context, SubscriberExt},
+    registry::{LookupSpan, Registry},
     util::SubscriberInitExt,
 };
 
@@ -118,7 +121,8 @@ fn logged(directives: Option<&str>) -> EnvFilter {
 /// The log level does not switch tracing off: every span at `info` and above is traced whatever
 /// `RUST_LOG` says. The log layer keeps the fields only of the spans `RUST_LOG` enables (keeping
 /// them costs every span, logged in or not); a JSON line inside any traced span carries its
-/// OpenTelemetry `trace_id` and `span_id`, read when the line is written.
+/// OpenTelemetry `trace_id` and `span_id`, read when the line is written, and the nearest
+/// `order_id` and `event_id` of the spans it is in, at the top level.
 fn dispatch<W>(format: LogFormat, directives: Option<&str>, tracer: SdkTracer, writer: W) -> Dispatch
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -137,11 +141,27 @@ where
                     None if event.is_contextual() => dispatch.current_span().id().cloned(),
                     None => None,
                 };
-                let Some(context) = span.and_then(|span| tracing_opentelemetry::get_otel_context(&span, &dispatch)) else { return };
-                let ids = context.span().span_context().clone();
-                if ids.is_valid() {
-                    let _ = fields.write_field("trace_id", ids.trace_id().to_string());
-                    let _ = fields.write_field("span_id", ids.span_id().to_string());
+                let Some(span) = span else { return };
+                if let Some(context) = tracing_opentelemetry::get_otel_context(&span, &dispatch) {
+                    let ids = context.span().span_context().clone();
+                    if ids.is_valid() {
+                        let _ = fields.write_field("trace_id", ids.trace_id().to_string());
+                        let _ = fields.write_field("span_id", ids.span_id().to_string());
+                    }
+                }
+                let Some(span) = dispatch.downcast_ref::<Registry>().and_then(|registry| registry.span(&span)) else { return };
+                let (mut order_id, mut event_id) = (None, None);
+                for span in span.scope() {
+                    if let Some(ids) = span.extensions().get::<NamedIds>() {
+                        order_id = order_id.or_else(|| ids.order_id.clone());
+                        event_id = event_id.or_else(|| ids.event_id.clone());
+                    }
+                }
+                if let Some(order_id) = order_id {
+                    let _ = fields.write_field("order_id", order_id);
+                }
+                if let Some(event_id) = event_id {
+                    let _ = fields.write_field("event_id", event_id);
                 }
             });
             layer.boxed()
@@ -163,9 +183,75 @@ where
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_filter(traced);
-    let dispatch = Dispatch::new(tracing_subscriber::registry().with(fmt_layer).with(otel_layer));
+    let named = KeepIds.with_filter(filter_fn(|meta: &Metadata<'_>| {
+        meta.is_span() && *meta.level() <= Level::INFO && NamedIds::FIELDS.iter().any(|name| meta.fields().field(name).is_some())
+    }));
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(named).with(fmt_layer).with(otel_layer));
     let _ = this.set(dispatch.downgrade());
     dispatch
+}
+
+/// A span's `order_id` and `event_id`, kept whatever `RUST_LOG` says, so that a JSON line names
+/// the order and the event it is about at any log level (the log layer keeps a span's other
+/// fields only for the spans `RUST_LOG` enables).
+#[derive(Default)]
+struct NamedIds {
+    order_id: Option<String>,
+    event_id: Option<String>,
+}
+
+impl NamedIds {
+    const FIELDS: [&'static str; 2] = ["order_id", "event_id"];
+
+    fn set(&mut self, field: &Field, value: String) {
+        if value.is_empty() {
+            return;
+        }
+        match field.name() {
+            "order_id" => self.order_id = Some(value),
+            "event_id" => self.event_id = Some(value),
+            _ => {}
+        }
+    }
+}
+
+impl Visit for NamedIds {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if Self::FIELDS.contains(&field.name()) {
+            self.set(field, value.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        // `%value` fields arrive here, and print as their `Display`.
+        if Self::FIELDS.contains(&field.name()) {
+            self.set(field, format!("{value:?}"));
+        }
+    }
+}
+
+/// Keeps [`NamedIds`] in the extensions of the spans that declare those fields.
+struct KeepIds;
+
+impl<S> Layer<S> for KeepIds
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        let mut ids = NamedIds::default();
+        attrs.record(&mut ids);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(ids);
+        }
+    }
+
+    fn on_record(&self, id: &span::Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id)
+            && let Some(ids) = span.extensions_mut().get_mut::<NamedIds>()
+        {
+            values.record(ids);
+        }
+    }
 }
 
 /// Installs logging, tracing export and propagation for this process. Call once, in `main`.
@@ -222,7 +308,9 @@ mod tests {
         let writer = logs.clone();
         let dispatch = dispatch(LogFormat::Json, Some(directives), provider.tracer("test"), move || writer.clone());
         let traceparent = tracing::dispatcher::with_default(&dispatch, || {
-            let span = tracing::info_span!("handle", order_id = "o-1");
+            let span = tracing::info_span!("process", order_id = "o-1", event_id = %"e-1");
+            let _entered = span.enter();
+            let span = tracing::info_span!("handle");
             let _entered = span.enter();
             tracing::info!("info line");
             tracing::warn!("warn line");
@@ -248,6 +336,9 @@ mod tests {
         assert_eq!(lines[0]["fields"]["message"], "warn line");
         assert_eq!(lines[0]["trace_id"], trace_id, "the warn line carries the trace id: {lines:?}");
         assert_eq!(lines[0]["span_id"], span_id, "and the span id: {lines:?}");
+        assert_eq!(lines[0]["order_id"], "o-1", "and the order id of the span above: {lines:?}");
+        assert_eq!(lines[0]["event_id"], "e-1", "and its event id: {lines:?}");
+        assert!(lines[0].get("span").is_none(), "no span fields at warn: {lines:?}");
     }
 
     #[test]
@@ -258,8 +349,10 @@ mod tests {
         for line in &lines {
             assert_eq!(line["trace_id"], trace_id, "{line}");
             assert_eq!(line["span_id"], span_id, "{line}");
+            assert_eq!(line["order_id"], "o-1", "{line}");
+            assert_eq!(line["event_id"], "e-1", "{line}");
             assert_eq!(line["span"]["name"], "handle", "{line}");
-            assert_eq!(line["span"]["order_id"], "o-1", "{line}");
+            assert_eq!(line["spans"][0]["order_id"], "o-1", "{line}");
         }
     }
 }

@@ -259,6 +259,9 @@ async fn one_order_is_one_trace_across_every_process() {
         .find(|r| r.span.parent_span_id == process.span.span_id && r.span.name.ends_with(" handle"))
         .expect("the reservation's handler span");
     assert_eq!(line["span_id"], hex(&handle.span.span_id).as_str(), "and the id of the span it was logged in: {reserved}");
+    assert_eq!(line["order_id"], accepted.order_id.as_str(), "and the order id, at the top level: {reserved}");
+    let delivered = string_attribute(&process.span, "messaging.message.id").expect("the delivery's message id");
+    assert_eq!(line["event_id"], delivered, "and the id of the event being handled: {reserved}");
     println!("inventory's log line: {reserved}");
 
     // The tree, for the record.
