@@ -115,6 +115,11 @@ fn logged(directives: Option<&str>) -> EnvFilter {
     directives.and_then(|d| EnvFilter::try_new(d).ok()).unwrap_or_else(|| EnvFilter::new("info"))
 }
 
+/// Spans traced whatever `RUST_LOG` says: `info` and above.
+fn traced_span(meta: &Metadata<'_>) -> bool {
+    meta.is_span() && *meta.level() <= Level::INFO
+}
+
 /// Log lines to `writer` as `format`, filtered by `directives` (`RUST_LOG` syntax), and spans to
 /// `tracer`.
 ///
@@ -170,7 +175,7 @@ where
     }
     .with_filter(logged(directives));
     let traced = logged(directives)
-        .or(filter_fn(|meta: &Metadata<'_>| meta.is_span() && *meta.level() <= Level::INFO))
+        .or(filter_fn(traced_span))
         // lapin's connection I/O loop is a span of its own that lives as long as the
         // connection: not part of any request's story, so it is not exported.
         .and(filter_fn(|meta| !meta.target().starts_with("lapin")));
@@ -184,7 +189,7 @@ where
         .with_threads(false)
         .with_filter(traced);
     let named = KeepIds.with_filter(filter_fn(|meta: &Metadata<'_>| {
-        meta.is_span() && *meta.level() <= Level::INFO && NamedIds::FIELDS.iter().any(|name| meta.fields().field(name).is_some())
+        traced_span(meta) && NamedIds::FIELDS.iter().any(|name| meta.fields().field(name).is_some())
     }));
     let dispatch = Dispatch::new(tracing_subscriber::registry().with(named).with(fmt_layer).with(otel_layer));
     let _ = this.set(dispatch.downgrade());
