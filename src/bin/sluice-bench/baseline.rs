@@ -2,6 +2,10 @@
 //! `sluice.events` with `mandatory`, confirmed by the broker, with a fixed window of publishes
 //! in flight on one confirm channel, into quorum queues bound to the routing key. This is the
 //! ceiling any publishing path on this broker can reach.
+//!
+//! The same run with the gateway's own message (`Message::Gateway`: an `order.created` with
+//! every property and header the wire contract puts on it) tells how much of the distance to
+//! that ceiling is the message itself rather than the code that publishes it.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +21,9 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 
+use sluice::bus::{Envelope, TraceContext};
+use sluice::events::OrderCreated;
+
 use crate::{
     broker::message_count,
     report::{self, Check},
@@ -25,10 +32,53 @@ use crate::{
 /// The exchange the platform publishes to.
 pub const EXCHANGE: &str = "sluice.events";
 
+/// What the baseline publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// 200 bytes of body, `delivery_mode` and `content_type`: the baseline.
+    Plain,
+    /// What the gateway publishes for a PlaceOrder: the `order.created` body and every AMQP
+    /// property and header of the wire contract (CloudEvents attributes, `traceparent`).
+    Gateway,
+}
+
+impl Message {
+    /// Body and properties of every message of the run.
+    fn contents(self) -> (Vec<u8>, BasicProperties) {
+        match self {
+            Self::Plain => (vec![b'x'; 200], BasicProperties::default().with_delivery_mode(2).with_content_type("application/octet-stream".into())),
+            Self::Gateway => {
+                let order = crate::unary::an_order(0);
+                let event = OrderCreated {
+                    order_id: uuid::Uuid::new_v4().to_string(),
+                    customer_id: order.customer_id,
+                    items: order.items,
+                    payment_token: order.payment_token,
+                    created_at: Some(sluice::bus::headers::now()),
+                };
+                let mut envelope = Envelope::of(&event, uuid::Uuid::new_v4().to_string());
+                // As if published inside a sampled trace, as the gateway's messages are.
+                envelope.trace = TraceContext {
+                    traceparent: Some(format!("00-{}-{}-01", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..16])),
+                    tracestate: None,
+                };
+                let properties = envelope.properties(GATEWAY_APP_ID);
+                (envelope.body, properties)
+            }
+        }
+    }
+}
+
+/// The gateway's `app_id` (`sluice_gateway::APP_ID`; the bench does not link the gateway).
+const GATEWAY_APP_ID: &str = "gateway";
+
 /// What one baseline run measured.
 pub struct Baseline {
     pub window: usize,
     pub queues: usize,
+    pub message: Message,
+    /// Bytes of body per message.
+    pub body_bytes: usize,
     /// Confirms received inside the measured window, per second.
     pub rate: f64,
     pub latency: Histogram<u64>,
@@ -39,7 +89,7 @@ pub struct Baseline {
 
 /// Publishes for `warmup + duration` with `window` confirms outstanding, into `queues` quorum
 /// queues bound to one routing key, then checks that every queue holds every confirmed message.
-pub async fn run(url: &str, window: usize, queues: usize, warmup: Duration, duration: Duration) -> anyhow::Result<Baseline> {
+pub async fn run(url: &str, window: usize, queues: usize, message: Message, warmup: Duration, duration: Duration) -> anyhow::Result<Baseline> {
     let connection = Connection::connect(url, ConnectionProperties::default().with_connection_name("sluice-bench.baseline".into()))
         .await
         .context("connecting to the broker")?;
@@ -49,7 +99,7 @@ pub async fn run(url: &str, window: usize, queues: usize, warmup: Duration, dura
         .exchange_declare(EXCHANGE.into(), ExchangeKind::Topic, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
         .await
         .context("declaring sluice.events")?;
-    let key = format!("bench.baseline.w{window}.q{queues}");
+    let key = format!("bench.baseline.w{window}.q{queues}.{}", if message == Message::Plain { "plain" } else { "gateway" });
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     let names: Vec<String> = (1..=queues).map(|i| format!("{key}.{i}")).collect();
@@ -63,8 +113,7 @@ pub async fn run(url: &str, window: usize, queues: usize, warmup: Duration, dura
             .await?;
     }
 
-    let body = vec![b'x'; 200];
-    let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/octet-stream".into());
+    let (body, properties) = message.contents();
     let options = BasicPublishOptions { mandatory: true, ..Default::default() };
     let routing_key = ShortString::try_new(key.as_str())?;
     let mut latency = report::histogram()?;
@@ -106,7 +155,7 @@ pub async fn run(url: &str, window: usize, queues: usize, warmup: Duration, dura
         channel.queue_delete(ShortString::try_new(name.as_str())?, QueueDeleteOptions::default()).await?;
     }
     let _ = connection.close(200, "baseline done".into()).await;
-    Ok(Baseline { window, queues, rate: measured as f64 / duration.as_secs_f64(), latency, errors, check })
+    Ok(Baseline { window, queues, message, body_bytes: body.len(), rate: measured as f64 / duration.as_secs_f64(), latency, errors, check })
 }
 
 /// The queue's message count once it reaches `expected`, or its last value after 5 s.
