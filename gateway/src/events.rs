@@ -10,6 +10,7 @@ use std::{
 };
 
 use futures_util::{Stream, StreamExt};
+use tracing::Instrument;
 use sluice::bus::{Envelope, Publisher, Tap, TraceContext, headers};
 use sluice::config::BusConfig;
 use sluice::events::{PayloadError, check_payload};
@@ -135,6 +136,16 @@ impl EventGateway for Events {
         request: Request<Streaming<PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let metadata = Arc::new(request.metadata().clone());
+        // A caller that sent a trace context gets its events in that trace, each PRODUCER span
+        // a child of this call's server span (README, "Seeing a trace"). Without one, each event
+        // starts a trace of its own: a long stream as one trace would be unreadable, and its
+        // events are usually unrelated orders.
+        let headers: &http::HeaderMap = request.metadata().as_ref();
+        let parent = if crate::tracing_opentelemetry_ext::caller_traced(headers) {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
         let window = Arc::new(Semaphore::new(STREAM_WINDOW));
@@ -144,6 +155,7 @@ impl EventGateway for Events {
                 // Backpressure: with the window full, stop reading until an ack frees a slot.
                 let Ok(permit) = window.clone().acquire_owned().await else { break };
                 let (events, tx, metadata) = (events.clone(), tx.clone(), metadata.clone());
+                let parent = parent.clone();
                 tokio::spawn(async move {
                     let sequence = item.sequence;
                     let response = match item.publish {
@@ -153,7 +165,7 @@ impl EventGateway for Events {
                             error_message: "publish must be set".into(),
                             ..Default::default()
                         },
-                        Some(publish) => match events.publish_one(publish, &metadata).await {
+                        Some(publish) => match events.publish_one(publish, &metadata).instrument(parent).await {
                             Ok(done) => PublishStreamResponse { sequence, event_id: done.event_id, ..Default::default() },
                             Err(status) => {
                                 PublishStreamResponse {

@@ -191,8 +191,19 @@ mod tracing_opentelemetry_ext {
         }
     }
 
+    /// The trace context a caller sent (`traceparent`, `tracestate`), if any.
+    pub(crate) fn caller_context(headers: &http::HeaderMap) -> opentelemetry::Context {
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+    }
+
+    /// Whether the caller sent a valid trace context.
+    pub(crate) fn caller_traced(headers: &http::HeaderMap) -> bool {
+        use opentelemetry::trace::TraceContextExt as _;
+        caller_context(headers).span().span_context().is_valid()
+    }
+
     pub(crate) fn trace_span(request: &http::Request<()>) -> tracing::Span {
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+        let parent = caller_context(request.headers());
         let path = request.uri().path();
         let span = tracing::info_span!(
             "grpc.request",

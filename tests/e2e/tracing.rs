@@ -1,7 +1,8 @@
 //! One order, one trace: the gateway and every service run as their own processes, each
 //! exporting spans over OTLP/gRPC to a collector in this test, and the order placed with a
 //! caller's `traceparent` appears as a single trace across all of them. The log level does
-//! not decide what is traced: every process but inventory logs at `warn` only.
+//! not decide what is traced: every process but inventory logs at `warn` only. Events sent on a
+//! PublishStream join the caller's trace when it sent one, and are traces of their own otherwise.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -19,8 +20,12 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value::Value,
     trace::v1::{Span, span::SpanKind},
 };
-use sluice::pb::{OrderStatus, order_service_client::OrderServiceClient};
-use tokio_stream::wrappers::TcpListenerStream;
+use prost::Message as _;
+use sluice::events::OrderCreated;
+use sluice::pb::{
+    OrderStatus, PublishRequest, PublishStreamRequest, event_gateway_client::EventGatewayClient, order_service_client::OrderServiceClient,
+};
+use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 
 use crate::{
     child,
@@ -81,6 +86,39 @@ fn string_attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Publishes two new orders' `order.created` on one PublishStream, with the caller's
+/// `traceparent` if given, and returns their event ids once both are acked.
+async fn stream_two_orders(grpc: SocketAddr, traceparent: Option<&str>) -> Vec<String> {
+    let mut client = EventGatewayClient::connect(format!("http://{grpc}")).await.expect("the gateway serves the event API");
+    let requests: Vec<PublishStreamRequest> = (0..2u64)
+        .map(|sequence| {
+            let order = an_order("SKU-1", 1, "tok_visa");
+            let event = OrderCreated {
+                order_id: uuid::Uuid::new_v4().to_string(),
+                customer_id: order.customer_id,
+                items: order.items,
+                payment_token: order.payment_token,
+                created_at: None,
+            };
+            let any = prost_types::Any { type_url: "type.googleapis.com/sluice.v1.OrderCreated".into(), value: event.encode_to_vec() };
+            PublishStreamRequest { sequence, publish: Some(PublishRequest { event: Some(any), idempotency_key: String::new() }) }
+        })
+        .collect();
+    let mut request = tonic::Request::new(tokio_stream::iter(requests));
+    if let Some(traceparent) = traceparent {
+        request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    }
+    let mut acks = client.publish_stream(request).await.expect("PublishStream").into_inner();
+    let mut event_ids = Vec::new();
+    while let Some(ack) = acks.next().await {
+        let ack = ack.expect("an ack");
+        assert_eq!(ack.error_code, 0, "{ack:?}");
+        event_ids.push(ack.event_id);
+    }
+    assert_eq!(event_ids.len(), 2, "both events acked");
+    event_ids
 }
 
 fn free_port() -> u16 {
@@ -194,6 +232,12 @@ async fn one_order_is_one_trace_across_every_process() {
     assert_eq!(order.status(), OrderStatus::Completed);
     drop(client);
 
+    // PublishStream, once inside a caller's trace and once outside any.
+    let stream_trace = uuid::Uuid::new_v4().simple().to_string();
+    let stream_caller = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let joined = stream_two_orders(grpc, Some(&format!("00-{stream_trace}-{stream_caller}-01"))).await;
+    let untraced = stream_two_orders(grpc, None).await;
+
     // SIGTERM every process: each flushes its spans as it exits.
     for process in &mut children {
         child::terminate(process);
@@ -201,10 +245,36 @@ async fn one_order_is_one_trace_across_every_process() {
     let _ = reader.join();
     server.abort();
 
-    let spans: Vec<Received> = collector
-        .spans
-        .lock()
-        .unwrap()
+    let all: Vec<Received> = collector.spans.lock().unwrap().clone();
+    // A streamed event's PRODUCER span in the gateway, by the event id the ack returned.
+    let producer_of = |event_id: &str| {
+        all.iter()
+            .find(|r| r.service == "sluice-gateway" && r.span.kind() == SpanKind::Producer && string_attribute(&r.span, "messaging.message.id") == Some(event_id))
+            .unwrap_or_else(|| panic!("no PRODUCER span for the streamed event {event_id}"))
+    };
+    for event_id in &joined {
+        let producer = producer_of(event_id);
+        assert_eq!(hex(&producer.span.trace_id), stream_trace, "a streamed event joins the caller's trace");
+        let server = all
+            .iter()
+            .find(|r| r.span.span_id == producer.span.parent_span_id)
+            .expect("the streamed event's PRODUCER span has its parent in the trace");
+        assert_eq!((server.service.as_str(), server.span.kind()), ("sluice-gateway", SpanKind::Server));
+        assert_eq!(server.span.name, "sluice.v1.EventGateway/PublishStream");
+        assert_eq!(hex(&server.span.parent_span_id), stream_caller, "the call's server span hangs off the caller's span");
+    }
+    let untraced_traces: BTreeSet<String> = untraced
+        .iter()
+        .map(|event_id| {
+            let producer = producer_of(event_id);
+            assert!(producer.span.parent_span_id.is_empty(), "without a caller's trace a streamed event starts its own");
+            hex(&producer.span.trace_id)
+        })
+        .collect();
+    assert_eq!(untraced_traces.len(), 2, "one trace per event: {untraced_traces:?}");
+    assert!(!untraced_traces.contains(&stream_trace) && !untraced_traces.contains(&caller_trace));
+
+    let spans: Vec<Received> = all
         .iter()
         .filter(|r| hex(&r.span.trace_id) == caller_trace)
         .cloned()
