@@ -3,6 +3,11 @@
 
 use std::process::ExitCode;
 
+/// mimalloc (without transparent huge pages), as in the gateway: less CPU per order end to
+/// end than glibc's malloc (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<ExitCode> {
     let config = sluice_notification::config_from_env()?;
