@@ -105,6 +105,12 @@ impl Context {
         &mut self.tx
     }
 
+    /// Which database `db()` is, for the rare statement that must be written differently for
+    /// SQLite and PostgreSQL.
+    pub fn backend(&self) -> crate::store::Backend {
+        crate::store::Backend::of(&self.tx)
+    }
+
     /// The delivery's metadata.
     pub fn meta(&self) -> &Metadata {
         &self.meta

@@ -43,6 +43,13 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The database behind a connection.
+    pub(crate) fn of(connection: &AnyConnection) -> Self {
+        if connection.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME { Self::Postgres } else { Self::Sqlite }
+    }
+}
+
 /// A service's database pool, migrated, plus the outbox relay's wake-up signal.
 #[derive(Clone, Debug)]
 pub struct Store {

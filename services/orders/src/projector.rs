@@ -2,6 +2,7 @@
 
 use sluice::bus::{Context, Handler, HandlerError};
 use sluice::pb::OrderStatus;
+use sluice::store::Backend;
 use sqlx::Row;
 use std::sync::LazyLock;
 
@@ -38,7 +39,10 @@ impl<E: Lifecycle> Handler<E> for Projector {
         let (total, has_total) = change.lines.as_ref().map_or((0, 0), |(_, total)| (*total, 1));
         let (reason, has_reason) = change.reason.as_deref().map_or(("", 0), |r| (r, 1));
         let event_id = ctx.meta().event_id.clone();
-        let apply: &str = if ctx.db().backend_name() == "PostgreSQL" { &APPLY_POSTGRES } else { &APPLY_SQLITE };
+        let apply: &str = match ctx.backend() {
+            Backend::Sqlite => &APPLY_SQLITE,
+            Backend::Postgres => &APPLY_POSTGRES,
+        };
         let status: i64 = sqlx::query(apply)
             .bind(&order_id)
             .bind(&change.customer_id)
