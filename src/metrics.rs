@@ -75,6 +75,9 @@ pub struct Metrics {
     pub confirm_latency: Histogram,
     /// Deliveries received.
     pub deliveries: Family<Queue, Counter>,
+    /// Database transactions that handled deliveries (one per batch; deliveries / batches is
+    /// the mean batch size).
+    pub batches: Family<Queue, Counter>,
     /// Seconds spent handling a delivery (decode to outcome).
     pub handler_latency: Family<Queue, Histogram, fn() -> Histogram>,
     /// Deliveries sent for a delayed retry.
@@ -100,6 +103,7 @@ impl Metrics {
             nacked: Family::default(),
             confirm_latency: latency_buckets(),
             deliveries: Family::default(),
+            batches: Family::default(),
             handler_latency: Family::new_with_constructor(latency_buckets),
             retries: Family::default(),
             dead_lettered: Family::default(),
@@ -114,6 +118,7 @@ impl Metrics {
         registry.register("nacked", "Publishes refused by the broker", metrics.nacked.clone());
         registry.register("confirm_latency_seconds", "Publish to confirm", metrics.confirm_latency.clone());
         registry.register("deliveries", "Deliveries received", metrics.deliveries.clone());
+        registry.register("batches", "Batches of deliveries handled in one database transaction", metrics.batches.clone());
         registry.register("handler_latency_seconds", "Handling of one delivery", metrics.handler_latency.clone());
         registry.register("retries", "Deliveries sent for a delayed retry", metrics.retries.clone());
         registry.register("dead_lettered", "Deliveries dead-lettered", metrics.dead_lettered.clone());

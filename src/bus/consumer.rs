@@ -625,7 +625,7 @@ impl Session for Consuming {
                 let batch = usize::from(self.batch);
                 if batch > 1 {
                     let stop = intake.clone();
-                    self.tracker.spawn(batch_loop(stream, intake, batch, move |deliveries| {
+                    self.tracker.spawn(batch_loop(stream, intake, self.shared.store.clone(), batch, move |deliveries| {
                         let (route, shared, stop) = (route.clone(), shared.clone(), stop.clone());
                         async move {
                             let count = deliveries.len();
@@ -700,9 +700,12 @@ where
 }
 
 /// Pulls deliveries until intake stops or the channel dies, and hands them over in batches:
-/// whatever has arrived (at most `max`) when the previous batch is done. One batch at a time,
-/// so a queue's deliveries never contend for the database among themselves.
-async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, max: usize, handle: F)
+/// whatever has arrived (at most `max`) when the previous batch is done and the store gives
+/// this queue its turn. One batch at a time, so a queue's deliveries never contend for the
+/// database among themselves; and since the batch is gathered once the turn has come, the
+/// deliveries that arrived while other queues of the service held the database share one
+/// transaction.
+async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, store: Store, max: usize, handle: F)
 where
     F: Fn(Vec<Delivery>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -720,6 +723,7 @@ where
             }
             None => return,
         };
+        let turn = store.turn().await;
         let mut ended = false;
         while batch.len() < max {
             match stream.next().now_or_never() {
@@ -737,6 +741,7 @@ where
             }
         }
         handle(batch).await;
+        drop(turn);
         if ended {
             return;
         }
@@ -750,6 +755,7 @@ async fn measured(queue: &str, count: usize, handled: impl std::future::Future<O
     let label = crate::metrics::queue(queue);
     let count = i64::try_from(count).unwrap_or(i64::MAX);
     metrics.deliveries.get_or_create(&label).inc_by(count.unsigned_abs());
+    metrics.batches.get_or_create(&label).inc();
     let in_flight = metrics.in_flight.get_or_create(&label).clone();
     in_flight.inc_by(count);
     let started = std::time::Instant::now();

@@ -16,7 +16,7 @@ use sqlx::{
     any::AnyPoolOptions,
     migrate::{Migration as SqlxMigration, MigrationType, Migrator},
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::bus::{Envelope, Error, TraceContext};
 
@@ -56,6 +56,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     outbox_ready: Arc<Notify>,
+    /// One permit per connection: consumers wait for a turn before they gather a batch.
+    turns: Arc<Semaphore>,
 }
 
 impl Store {
@@ -64,6 +66,10 @@ impl Store {
     pub async fn connect(url: &str, migrations: &[Migration]) -> Result<Self, Error> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
+        let connections = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 16,
+        };
         let pool = match backend {
             Backend::Sqlite => {
                 create_parent_dir(url);
@@ -71,7 +77,7 @@ impl Store {
                 // transaction for the whole delivery; more connections would only queue up
                 // on the database lock (or fail with SQLITE_BUSY on lock upgrades).
                 AnyPoolOptions::new()
-                    .max_connections(1)
+                    .max_connections(connections)
                     // A file cannot drop a connection: no ping before each transaction.
                     .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(30))
@@ -87,7 +93,7 @@ impl Store {
                     .await?
             }
             Backend::Postgres => AnyPoolOptions::new()
-                .max_connections(16)
+                .max_connections(connections)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(url)
                 .await?,
@@ -110,7 +116,7 @@ impl Store {
         }
         let migrator = Migrator { migrations: Cow::Owned(all), ..Migrator::DEFAULT };
         migrator.run(&pool).await?;
-        Ok(Self { pool, backend, outbox_ready: Arc::new(Notify::new()) })
+        Ok(Self { pool, backend, outbox_ready: Arc::new(Notify::new()), turns: Arc::new(Semaphore::new(connections as usize)) })
     }
 
     /// The pool, for queries outside handlers (responders, start-up seeding).
@@ -130,6 +136,13 @@ impl Store {
 
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
         self.pool.begin().await
+    }
+
+    /// Waits for a connection's turn (first come, first served). A consumer takes its turn
+    /// *before* it gathers a batch, so the deliveries that arrived while other queues held the
+    /// database join the batch instead of waiting for another transaction.
+    pub(crate) async fn turn(&self) -> Option<OwnedSemaphorePermit> {
+        self.turns.clone().acquire_owned().await.ok()
     }
 
     /// Tells the relay there is something to publish.

@@ -292,6 +292,81 @@ async fn a_batch_commits_each_good_delivery_once_and_fails_only_the_bad_ones() {
     running.stop().await;
 }
 
+/// Holds the database (its transaction is open while it runs) until its gate opens.
+#[derive(Clone)]
+struct Holder {
+    gate: Arc<Semaphore>,
+    started: Arc<Mutex<usize>>,
+}
+
+impl Handler<OrderCreated> for Holder {
+    fn name(&self) -> String {
+        "holder".into()
+    }
+
+    async fn handle(&self, _event: OrderCreated, _ctx: &mut Context) -> Result<(), HandlerError> {
+        *self.started.lock().unwrap() += 1;
+        let _permit = self.gate.acquire().await.map_err(HandlerError::retry)?;
+        Ok(())
+    }
+}
+
+/// Records its effect; its queue's name is this test's alone, so its metrics are too.
+#[derive(Clone)]
+struct Waiter;
+
+impl Handler<OrderCreated> for Waiter {
+    fn name(&self) -> String {
+        "waiter".into()
+    }
+
+    async fn handle(&self, _event: OrderCreated, ctx: &mut Context) -> Result<(), HandlerError> {
+        let (id, attempt) = (ctx.meta().event_id.clone(), ctx.meta().attempt);
+        sqlx::query("INSERT INTO effects (event_id, attempt) VALUES ($1, $2)")
+            .bind(id)
+            .bind(i64::from(attempt))
+            .execute(ctx.db())
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_waited_for_the_database_handles_what_arrived_meanwhile_in_one_transaction() {
+    let rig = Rig::new(Backend::Sqlite, |_| {}).await;
+    let holder = Holder { gate: Arc::new(Semaphore::new(0)), started: Arc::default() };
+    // Both handlers take every order.created, each from its own queue of the one service.
+    let consumer = Consumer::builder("test", &rig.bus, &rig.store).on(holder.clone()).on(Waiter).start().await.unwrap();
+    let shutdown = Shutdown::new();
+    let running = Running { shutdown: shutdown.clone(), task: tokio::spawn(consumer.run(shutdown)) };
+
+    rig.publish("first").await;
+    let mut last = None;
+    eventually(|| async { Some(*holder.started.lock().unwrap()) }, |n| *n == 1, &mut last).await.expect("the holder runs");
+    // The holder's transaction holds SQLite's one connection. "first" may or may not have been
+    // handled by the waiter before that; what the waiter has now is the baseline.
+    let batches = || sluice::metrics::metrics().batches.get_or_create(&sluice::metrics::Queue { queue: "test.waiter".into() }).get();
+    let before = batches();
+    let ids: Vec<String> = (0..20).map(|i| format!("meanwhile-{i}")).collect();
+    for id in &ids {
+        rig.publish(id).await;
+    }
+    let mut ready = None;
+    eventually(|| async { Some(rig.ready("test.waiter").await) }, |n| *n == 0, &mut ready).await.expect("all sent to the consumer");
+    holder.gate.add_permits(10_000);
+
+    rig.wait_effect("first").await;
+    for id in &ids {
+        rig.wait_effect(id).await;
+    }
+    assert_eq!(
+        batches() - before,
+        1,
+        "everything the waiter received while the holder held the database (the 20, and \"first\" if it was still waiting) shared one transaction"
+    );
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_delivery_has_no_second_effect() {
     let rig = Rig::new(Backend::Sqlite, |bus| bus.prefetch = Some(1)).await;

@@ -38,6 +38,7 @@ async fn metrics_move_as_orders_flow() {
         r#"sluice_confirmed_total{routing_key="order.created"}"#,
         r#"sluice_confirmed_total{routing_key="inventory.reserved"}"#,
         r#"sluice_deliveries_total{queue="inventory.reserve-stock"}"#,
+        r#"sluice_batches_total{queue="inventory.reserve-stock"}"#,
         r#"sluice_handler_latency_seconds_count{queue="payment.capture-payment"}"#,
         r#"sluice_grpc_requests_total{method="/sluice.v1.OrderService/PlaceOrder",code="0"}"#,
     ];
