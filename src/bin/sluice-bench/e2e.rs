@@ -83,6 +83,7 @@ fn lock(ledger: &Shared) -> std::sync::MutexGuard<'_, Ledger> {
 }
 
 /// Settings of the end-to-end run.
+#[derive(Clone)]
 pub struct Load {
     /// Orders offered per second.
     pub rate: f64,
@@ -95,10 +96,54 @@ pub struct Load {
     pub drain_timeout: Duration,
 }
 
+/// What the load generator leaves for the check: the ledger, the backlog at the start and the
+/// end of the measured window, the calls sent in the window and how long the backlog took to
+/// drain.
+struct Offered {
+    ledger: Ledger,
+    backlog: (usize, usize),
+    sent_in_window: u64,
+    drained_in: Duration,
+}
+
 /// Offers `load.rate` orders per second for `warmup + duration`, waits for every accepted
 /// order to complete, and checks the outcome.
+///
+/// The load generator (callers, tap and ledger) runs on a thread of its own with a
+/// single-threaded runtime: on a multi-threaded one, its two workers woke each other for every
+/// call and every tick, and the thread switches made up a third of its CPU, taken from the
+/// cores the platform shares with it.
 pub async fn run(addr: SocketAddr, vhost: &Vhost, load: &Load) -> anyhow::Result<EndToEnd> {
-    let mut tap = Tap::open(&BusConfig::for_url(vhost.url()), &["notification.sent"]).await.context("opening the notification.sent tap")?;
+    let (url, generator_load) = (vhost.url(), load.clone());
+    let (done, offered) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("e2e-load".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the load generator's runtime")
+                .and_then(|runtime| runtime.block_on(offer(addr, &url, &generator_load)));
+            let _ = done.send(outcome);
+        })
+        .context("starting the load generator's thread")?;
+    let Offered { ledger, backlog, sent_in_window, drained_in } = offered.await.context("the load generator's thread died")??;
+    let check = check(addr, vhost, &ledger, load.drain_timeout).await?;
+    let duration = load.duration.as_secs_f64();
+    Ok(EndToEnd {
+        offered: sent_in_window as f64 / duration,
+        completed_rate: ledger.completed_in_window as f64 / duration,
+        latency: ledger.latency,
+        errors: ledger.errors,
+        backlog,
+        drained_in,
+        check,
+    })
+}
+
+/// The open-loop load and the tap, until every accepted order completed (or the drain timed out).
+async fn offer(addr: SocketAddr, vhost_url: &str, load: &Load) -> anyhow::Result<Offered> {
+    let mut tap = Tap::open(&BusConfig::for_url(vhost_url), &["notification.sent"]).await.context("opening the notification.sent tap")?;
     let clients = clients(addr, load.connections.max(1)).await?;
     let start = Instant::now();
     let measure_from = start + load.warmup;
@@ -216,17 +261,7 @@ pub async fn run(addr: SocketAddr, vhost: &Vhost, load: &Load) -> anyhow::Result
         .map_err(|_| anyhow::anyhow!("the ledger is still shared"))?
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let check = check(addr, vhost, &ledger, load.drain_timeout).await?;
-    let duration = load.duration.as_secs_f64();
-    Ok(EndToEnd {
-        offered: sent_in_window as f64 / duration,
-        completed_rate: ledger.completed_in_window as f64 / duration,
-        latency: ledger.latency,
-        errors: ledger.errors,
-        backlog: (backlog_start.unwrap_or(0), backlog_end),
-        drained_in,
-        check,
-    })
+    Ok(Offered { ledger, backlog: (backlog_start.unwrap_or(0), backlog_end), sent_in_window, drained_in })
 }
 
 /// Every accepted order completed, as confirmed, once; a sample reads COMPLETED through

@@ -200,6 +200,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let usage = cpu::Usage::start(&platform.pids());
     let e2e = if runs(Scenario::E2e) { Some(e2e::run(platform.grpc_addr, &vhost, &load).await?) } else { None };
     eprintln!("  CPU {}", usage.report());
+    if runs(Scenario::E2e) {
+        let sizes = platform.batch_sizes()?;
+        let sizes: Vec<String> = sizes.iter().map(|(queue, size)| format!("{queue} {size:.1}")).collect();
+        eprintln!("  deliveries per transaction: {}", sizes.join(", "));
+    }
     if !runs(Scenario::E2e) {
         // The gateway learns the catalog's SKUs from inventory: one order before inventory stops.
         let mut client = unary::clients(platform.grpc_addr, 1).await?.remove(0);

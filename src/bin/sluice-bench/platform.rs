@@ -23,6 +23,8 @@ pub const SKU: &str = "BENCH-1";
 struct Process {
     name: &'static str,
     child: Child,
+    /// Where it serves `/health` and `/metrics`.
+    ops_addr: String,
 }
 
 /// The running processes. Dropping it stops whatever is still running.
@@ -102,7 +104,7 @@ impl Platform {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting sluice-{name}"))?;
-        self.processes.push(Process { name, child });
+        self.processes.push(Process { name, child, ops_addr: ops_addr.to_owned() });
         Ok(())
     }
 
@@ -134,6 +136,32 @@ impl Platform {
     /// Name and process id of each running process.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         self.processes.iter().map(|p| (p.name, p.child.id())).collect()
+    }
+
+    /// Deliveries per database transaction so far, by queue, from each service's `/metrics`
+    /// (`sluice_deliveries_total / sluice_batches_total`).
+    pub fn batch_sizes(&self) -> anyhow::Result<Vec<(String, f64)>> {
+        let mut sizes = Vec::new();
+        for process in self.processes.iter().filter(|p| p.name != "gateway") {
+            let url = format!("http://{}/metrics", process.ops_addr);
+            let text = ureq::get(&url).call().and_then(|mut r| r.body_mut().read_to_string()).with_context(|| format!("GET {url}"))?;
+            let samples = |metric: &str| -> Vec<(String, f64)> {
+                let prefix = format!("{metric}{{queue=\"");
+                text.lines()
+                    .filter_map(|line| {
+                        let (queue, value) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+                        Some((queue.to_owned(), value.trim().parse().ok()?))
+                    })
+                    .collect()
+            };
+            let batches = samples("sluice_batches_total");
+            for (queue, deliveries) in samples("sluice_deliveries_total") {
+                if let Some((_, count)) = batches.iter().find(|(q, _)| *q == queue).filter(|(_, n)| *n > 0.0) {
+                    sizes.push((queue, deliveries / count));
+                }
+            }
+        }
+        Ok(sizes)
     }
 
     /// Peak resident memory (VmHWM) of each running process, in KiB.
