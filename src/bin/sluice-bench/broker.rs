@@ -51,6 +51,22 @@ impl Vhost {
         Ok(self.broker.admin.queue_names(&self.name)?)
     }
 
+    /// The services' own queues bound to `exchange`, whatever their routing key (a tap's
+    /// server-named `amq.gen-...` queue is not one of them).
+    pub fn service_queues(&self, exchange: &str) -> anyhow::Result<Vec<String>> {
+        let mut queues: Vec<String> = self
+            .broker
+            .admin
+            .bindings(&self.name, exchange)?
+            .into_iter()
+            .filter(|b| b.destination_type == "queue" && !b.destination.starts_with("amq."))
+            .map(|b| b.destination)
+            .collect();
+        queues.sort();
+        queues.dedup();
+        Ok(queues)
+    }
+
     /// The queues bound to `exchange` with exactly `routing_key`.
     pub fn bound_queues(&self, exchange: &str, routing_key: &str) -> anyhow::Result<Vec<String>> {
         Ok(self

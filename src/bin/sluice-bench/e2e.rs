@@ -44,7 +44,27 @@ pub struct EndToEnd {
     pub backlog: (usize, usize),
     /// How long the backlog took to drain once the load stopped.
     pub drained_in: Duration,
+    /// Ready messages in each service queue at the start and at the end of the measured window.
+    pub queued: Vec<Queued>,
     pub check: Check,
+}
+
+impl EndToEnd {
+    /// The service queue whose ready messages grew the most over the window of `duration`, and
+    /// its growth per second.
+    pub fn worst_queue(&self, duration: Duration) -> Option<(&Queued, f64)> {
+        self.queued
+            .iter()
+            .map(|q| (q, (f64::from(q.end) - f64::from(q.start)) / duration.as_secs_f64()))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
+/// One service queue's ready messages at the start and at the end of the measured window.
+pub struct Queued {
+    pub queue: String,
+    pub start: u32,
+    pub end: u32,
 }
 
 /// Who placed what, and what has completed. Shared by the callers and the tap.
@@ -104,6 +124,7 @@ struct Offered {
     backlog: (usize, usize),
     sent_in_window: u64,
     drained_in: Duration,
+    queued: Vec<Queued>,
 }
 
 /// Offers `load.rate` orders per second for `warmup + duration`, waits for every accepted
@@ -115,6 +136,7 @@ struct Offered {
 /// cores the platform shares with it.
 pub async fn run(addr: SocketAddr, vhost: &Vhost, load: &Load) -> anyhow::Result<EndToEnd> {
     let (url, generator_load) = (vhost.url(), load.clone());
+    let queues = vhost.service_queues(crate::baseline::EXCHANGE).context("listing the services' queues")?;
     let (done, offered) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("e2e-load".into())
@@ -123,11 +145,11 @@ pub async fn run(addr: SocketAddr, vhost: &Vhost, load: &Load) -> anyhow::Result
                 .enable_all()
                 .build()
                 .context("starting the load generator's runtime")
-                .and_then(|runtime| runtime.block_on(offer(addr, &url, &generator_load)));
+                .and_then(|runtime| runtime.block_on(offer(addr, &url, &queues, &generator_load)));
             let _ = done.send(outcome);
         })
         .context("starting the load generator's thread")?;
-    let Offered { ledger, backlog, sent_in_window, drained_in } = offered.await.context("the load generator's thread died")??;
+    let Offered { ledger, backlog, sent_in_window, drained_in, queued } = offered.await.context("the load generator's thread died")??;
     let check = check(addr, vhost, &ledger, load.drain_timeout).await?;
     let duration = load.duration.as_secs_f64();
     Ok(EndToEnd {
@@ -137,17 +159,40 @@ pub async fn run(addr: SocketAddr, vhost: &Vhost, load: &Load) -> anyhow::Result
         errors: ledger.errors,
         backlog,
         drained_in,
+        queued,
         check,
     })
 }
 
+/// Ready messages in each of `queues` at `at`.
+async fn ready_at(channel: &lapin::Channel, queues: &[String], at: Instant) -> anyhow::Result<Vec<u32>> {
+    tokio::time::sleep_until(at.into()).await;
+    let mut counts = Vec::with_capacity(queues.len());
+    for queue in queues {
+        counts.push(message_count(channel, queue).await?);
+    }
+    Ok(counts)
+}
+
 /// The open-loop load and the tap, until every accepted order completed (or the drain timed out).
-async fn offer(addr: SocketAddr, vhost_url: &str, load: &Load) -> anyhow::Result<Offered> {
+async fn offer(addr: SocketAddr, vhost_url: &str, queues: &[String], load: &Load) -> anyhow::Result<Offered> {
     let mut tap = Tap::open(&BusConfig::for_url(vhost_url), &["notification.sent"]).await.context("opening the notification.sent tap")?;
     let clients = clients(addr, load.connections.max(1)).await?;
+    let sampling = lapin::Connection::connect(vhost_url, lapin::ConnectionProperties::default()).await.context("connecting to sample the queues")?;
+    let sampler = sampling.create_channel().await?;
     let start = Instant::now();
     let measure_from = start + load.warmup;
     let end = measure_from + load.duration;
+    // Every service queue's depth at both ends of the window: a service that falls behind
+    // (the orders read model, say) shows here even while notifications keep pace.
+    let depths = {
+        let queues = queues.to_vec();
+        tokio::spawn(async move {
+            let first = ready_at(&sampler, &queues, measure_from).await?;
+            let last = ready_at(&sampler, &queues, end).await?;
+            anyhow::Ok(queues.into_iter().zip(first.into_iter().zip(last)).map(|(queue, (start, end))| Queued { queue, start, end }).collect::<Vec<_>>())
+        })
+    };
     let ledger: Shared = Arc::new(Mutex::new(Ledger {
         waiting: HashMap::new(),
         early: HashMap::new(),
@@ -247,6 +292,8 @@ async fn offer(addr: SocketAddr, vhost_url: &str, load: &Load) -> anyhow::Result
     while let Some(joined) = calls.join_next().await {
         joined.context("a PlaceOrder call panicked")?;
     }
+    let queued = depths.await.context("the queue sampler panicked")??;
+    let _ = sampling.close(200, "sampled".into()).await;
 
     let drain_start = Instant::now();
     while !lock(&ledger).waiting.is_empty() && drain_start.elapsed() < load.drain_timeout {
@@ -261,7 +308,7 @@ async fn offer(addr: SocketAddr, vhost_url: &str, load: &Load) -> anyhow::Result
         .map_err(|_| anyhow::anyhow!("the ledger is still shared"))?
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    Ok(Offered { ledger, backlog: (backlog_start.unwrap_or(0), backlog_end), sent_in_window, drained_in })
+    Ok(Offered { ledger, backlog: (backlog_start.unwrap_or(0), backlog_end), sent_in_window, drained_in, queued })
 }
 
 /// Every accepted order completed, as confirmed, once; a sample reads COMPLETED through
