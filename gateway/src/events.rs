@@ -80,7 +80,8 @@ impl Events {
         })?;
         auth::may_publish(&self.auth, metadata, checked.routing_key)?;
         let event_id = if request.idempotency_key.is_empty() {
-            Uuid::new_v4()
+            // Time-ordered, as PlaceOrder's (see `orders::order_ids`).
+            Uuid::now_v7()
         } else {
             Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{type_name}\u{0}{}", request.idempotency_key).as_bytes())
         }

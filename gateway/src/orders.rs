@@ -88,7 +88,9 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 fn order_ids(request: &PlaceOrderRequest) -> (String, String) {
     if request.idempotency_key.is_empty() {
-        return (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+        // Time-ordered (UUIDv7): every service's indexes on order and event ids then grow at
+        // one end instead of touching a random page per insert.
+        return (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
     }
     // Keys are scoped by customer: two customers cannot collide on a key.
     let seed = format!("{}\u{0}{}", request.customer_id, request.idempotency_key);

@@ -118,11 +118,10 @@ impl Context {
 
     /// Emits an event: it is stored in the outbox with this delivery's transaction and
     /// published (with confirms) once that transaction commits. Its event id is derived from
-    /// the incoming event id, the handler and its position, so a redelivery that reaches the
-    /// handler again emits the same ids.
+    /// the incoming event, the handler and its position, so a redelivery that reaches the
+    /// handler again emits the same ids (see [`derived_event_id`]).
     pub fn emit<E: Event>(&mut self, event: E) -> &mut Self {
-        let seed = format!("{}/{}/{}", self.meta.event_id, self.meta.handler, self.emitted.len());
-        let id = uuid::Uuid::new_v5(&super::EVENT_ID_NAMESPACE, seed.as_bytes());
+        let id = derived_event_id(&self.meta, self.emitted.len());
         self.emitted.push(Envelope::of(&event, id.to_string()));
         self
     }
@@ -162,3 +161,47 @@ pub trait Responder<R: Rpc>: Send + Sync + 'static {
 /// How long a consumer waits for in-flight handlers at shutdown before it closes anyway
 /// (unfinished deliveries are not acknowledged and return to their queue).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The id of the `position`-th event a handler emits for one delivery: a UUIDv7 whose time is
+/// the incoming event's `occurred_at` and whose other bits are a name-based hash (as UUIDv5's)
+/// of the incoming event id, the handler and the position. The same delivery, redelivered, so
+/// derives the same ids; and ids sort by time like the gateway's own (UUIDv7 where the caller
+/// gave no idempotency key), so the indexes on event ids grow at one end.
+pub(crate) fn derived_event_id(meta: &Metadata, position: usize) -> uuid::Uuid {
+    let seed = format!("{}/{}/{position}", meta.event_id, meta.handler);
+    let hash = uuid::Uuid::new_v5(&super::EVENT_ID_NAMESPACE, seed.as_bytes()).into_bytes();
+    // Bytes 6 and 8 of a UUIDv5 carry its version and variant; the other 14 are hash.
+    let bits = [hash[0], hash[1], hash[2], hash[3], hash[4], hash[5], hash[7], hash[9], hash[10], hash[11]];
+    let t = &meta.occurred_at;
+    let millis = u64::try_from(t.seconds).unwrap_or(0).saturating_mul(1_000).saturating_add(u64::try_from(t.nanos / 1_000_000).unwrap_or(0));
+    uuid::Builder::from_unix_timestamp_millis(millis, &bits).into_uuid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Metadata, derived_event_id};
+
+    fn meta(event_id: &str, handler: &str, seconds: i64) -> Metadata {
+        let mut meta = Metadata::for_test(event_id);
+        meta.handler = handler.to_owned();
+        meta.occurred_at = prost_types::Timestamp { seconds, nanos: 250_000_000 };
+        meta
+    }
+
+    #[test]
+    fn derived_ids_are_the_same_for_a_redelivery_and_sort_by_the_incoming_events_time() {
+        let first = derived_event_id(&meta("e-1", "reserve-stock", 1_700_000_000), 0);
+        assert_eq!(first, derived_event_id(&meta("e-1", "reserve-stock", 1_700_000_000), 0), "a redelivery emits the same id");
+        assert_eq!(first.get_version(), Some(uuid::Version::SortRand));
+        assert_eq!(first.get_timestamp().map(|t| t.to_unix()), Some((1_700_000_000, 250_000_000)));
+        for other in [
+            derived_event_id(&meta("e-1", "reserve-stock", 1_700_000_000), 1),
+            derived_event_id(&meta("e-1", "capture-payment", 1_700_000_000), 0),
+            derived_event_id(&meta("e-2", "reserve-stock", 1_700_000_000), 0),
+        ] {
+            assert_ne!(first, other, "position, handler and incoming id each change the id");
+        }
+        let later = derived_event_id(&meta("e-0", "reserve-stock", 1_700_000_001), 0);
+        assert!(later.to_string() > first.to_string(), "ids sort by the incoming event's time, as text too");
+    }
+}

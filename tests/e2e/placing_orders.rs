@@ -48,6 +48,12 @@ async fn a_paid_order_completes_with_priced_lines_and_history(backend: Backend) 
     assert!(has_events(&order, &["order.created", "inventory.reserved", "payment.captured", "notification.sent"]));
     let statuses: Vec<OrderStatus> = order.history.iter().map(|h| h.status()).collect();
     assert_eq!(statuses, [OrderStatus::Pending, OrderStatus::Reserved, OrderStatus::Paid, OrderStatus::Completed]);
+    // Without an idempotency key the ids are time-ordered (UUIDv7), and so is every event id
+    // the services derived along the way.
+    for id in [&accepted.order_id, &accepted.event_id].into_iter().chain(order.history.iter().map(|h| &h.event_id)) {
+        let version = uuid::Uuid::parse_str(id).ok().and_then(|u| u.get_version());
+        assert_eq!(version, Some(uuid::Version::SortRand), "{id} is a UUIDv7");
+    }
     assert_eq!(order.total_cents, 3_600);
     assert_eq!(order.lines.len(), 1);
     assert_eq!((order.lines[0].quantity, order.lines[0].unit_price_cents), (2, 1_800));
