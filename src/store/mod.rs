@@ -188,6 +188,11 @@ impl Store {
         if seqs.is_empty() {
             return Ok(());
         }
+        if self.backend == Backend::Sqlite {
+            let delete = sqlx::query("DELETE FROM sluice_outbox WHERE seq IN (SELECT value FROM json_each($1))")
+                .bind(json_array(seqs.iter().map(|seq| serde_json::Value::from(*seq))));
+            return delete.execute(&self.pool).await.map(|_| ());
+        }
         let sql = format!("DELETE FROM sluice_outbox WHERE seq IN {}", placeholders_from(1, seqs.len()));
         let delete = seqs.iter().fold(sqlx::query(&sql), |query, seq| query.bind(*seq));
         delete.execute(&self.pool).await.map(|_| ())
@@ -213,6 +218,21 @@ pub(crate) async fn claim(tx: &mut AnyConnection, event_id: &str, handler: &str)
 pub(crate) async fn claim_all(tx: &mut AnyConnection, event_ids: &[&str], handler: &str) -> Result<HashSet<String>, sqlx::Error> {
     let mut claimed = HashSet::with_capacity(event_ids.len());
     let now = unix_millis();
+    if Backend::of(tx) == Backend::Sqlite {
+        let rows = sqlx::query(
+            "INSERT INTO sluice_inbox (event_id, handler, received_at) SELECT value, $2, $3 FROM json_each($1) WHERE true \
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .bind(json_array(event_ids.iter().map(|id| serde_json::Value::from(*id))))
+        .bind(handler)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            claimed.insert(row.try_get::<String, _>("event_id")?);
+        }
+        return Ok(claimed);
+    }
     for chunk in event_ids.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO sluice_inbox (event_id, handler, received_at) VALUES {} ON CONFLICT DO NOTHING RETURNING event_id",
@@ -229,6 +249,14 @@ pub(crate) async fn claim_all(tx: &mut AnyConnection, event_ids: &[&str], handle
 /// Removes inbox records of `handler` written in the caller's transaction (for deliveries
 /// claimed but not run).
 pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler: &str) -> Result<(), sqlx::Error> {
+    if Backend::of(tx) == Backend::Sqlite {
+        sqlx::query("DELETE FROM sluice_inbox WHERE handler = $1 AND event_id IN (SELECT value FROM json_each($2))")
+            .bind(handler)
+            .bind(json_array(event_ids.iter().map(|id| serde_json::Value::from(*id))))
+            .execute(&mut *tx)
+            .await?;
+        return Ok(());
+    }
     for chunk in event_ids.chunks(ROWS_PER_STATEMENT) {
         let sql = format!("DELETE FROM sluice_inbox WHERE handler = $1 AND event_id IN {}", placeholders_from(2, chunk.len()));
         let delete = chunk.iter().fold(sqlx::query(&sql).bind(handler), |query, id| query.bind(*id));
@@ -245,6 +273,33 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// [`ROWS_PER_STATEMENT`] events.
 pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Result<(), sqlx::Error> {
     let now = unix_millis();
+    if envelopes.is_empty() {
+        return Ok(());
+    }
+    if Backend::of(tx) == Backend::Sqlite {
+        let rows = json_array(envelopes.iter().map(|e| {
+            serde_json::json!([
+                e.event_id,
+                e.routing_key,
+                e.type_name,
+                e.correlation_id,
+                e.occurred_at.to_string(),
+                e.trace.traceparent,
+                e.trace.tracestate,
+                hex(&e.body),
+            ])
+        }));
+        sqlx::query(
+            "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, unhex(value ->> 7), $2 \
+             FROM json_each($1)",
+        )
+        .bind(rows)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        return Ok(());
+    }
     for chunk in envelopes.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
@@ -266,6 +321,25 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Res
         insert.execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// A JSON array, bound as one parameter of the SQLite statements that take many rows
+/// (`json_each`). Their text is then the same whatever the number of rows, so SQLite prepares
+/// each once and sqlx's statement cache keeps it; with one `$n` per cell, every batch size
+/// was a statement of its own, parsed again whenever the cache had let it go, and SQLite
+/// resolves `$n` names by a linear search, so a statement of n cells cost n² to prepare and
+/// bind. PostgreSQL keeps the multi-row statements (sqlx's `Any` driver binds no arrays).
+fn json_array(values: impl Iterator<Item = serde_json::Value>) -> String {
+    serde_json::Value::Array(values.collect()).to_string()
+}
+
+/// Lower-case hex of `bytes`, for SQLite's `unhex`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 /// `($1, $2), ($3, $4)`: the VALUES of a multi-row INSERT of `rows` rows of `columns` columns,
@@ -307,7 +381,13 @@ fn create_parent_dir(url: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::{placeholders, placeholders_from};
+    use super::{hex, placeholders, placeholders_from};
+
+    #[test]
+    fn hex_is_two_lower_case_digits_per_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(hex(&[]), "");
+    }
 
     #[test]
     fn placeholders_number_every_cell_once_row_by_row() {
