@@ -265,12 +265,12 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
     Ok(())
 }
 
-/// Rows per multi-row statement: far below the bound-parameter limits of both databases
-/// (SQLite 32,766, PostgreSQL 65,535) at the widest row (9 columns).
+/// Rows per multi-row statement on PostgreSQL: far below its bound-parameter limit (65,535) at
+/// the widest row (9 columns). SQLite takes all rows in one JSON parameter ([`json_array`]).
 const ROWS_PER_STATEMENT: usize = 500;
 
-/// Writes emitted events to the outbox, in the caller's transaction: one statement per
-/// [`ROWS_PER_STATEMENT`] events.
+/// Writes emitted events to the outbox, in the caller's transaction: one statement on SQLite,
+/// one per [`ROWS_PER_STATEMENT`] events on PostgreSQL.
 pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Result<(), sqlx::Error> {
     let now = unix_millis();
     if envelopes.is_empty() {
