@@ -190,7 +190,7 @@ impl Store {
         }
         if self.backend == Backend::Sqlite {
             let delete = sqlx::query("DELETE FROM sluice_outbox WHERE seq IN (SELECT value FROM json_each($1))")
-                .bind(json_array(seqs.iter().map(|seq| serde_json::Value::from(*seq))));
+                .bind(json_array(seqs.iter().copied()));
             return delete.execute(&self.pool).await.map(|_| ());
         }
         let sql = format!("DELETE FROM sluice_outbox WHERE seq IN {}", placeholders_from(1, seqs.len()));
@@ -223,7 +223,7 @@ pub(crate) async fn claim_all(tx: &mut AnyConnection, event_ids: &[&str], handle
             "INSERT INTO sluice_inbox (event_id, handler, received_at) SELECT value, $2, $3 FROM json_each($1) WHERE true \
              ON CONFLICT DO NOTHING RETURNING event_id",
         )
-        .bind(json_array(event_ids.iter().map(|id| serde_json::Value::from(*id))))
+        .bind(json_array(event_ids.iter().copied()))
         .bind(handler)
         .bind(now)
         .fetch_all(&mut *tx)
@@ -252,7 +252,7 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
     if Backend::of(tx) == Backend::Sqlite {
         sqlx::query("DELETE FROM sluice_inbox WHERE handler = $1 AND event_id IN (SELECT value FROM json_each($2))")
             .bind(handler)
-            .bind(json_array(event_ids.iter().map(|id| serde_json::Value::from(*id))))
+            .bind(json_array(event_ids.iter().copied()))
             .execute(&mut *tx)
             .await?;
         return Ok(());
@@ -329,8 +329,8 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Res
 /// was a statement of its own, parsed again whenever the cache had let it go, and SQLite
 /// resolves `$n` names by a linear search, so a statement of n cells cost n² to prepare and
 /// bind. PostgreSQL keeps the multi-row statements (sqlx's `Any` driver binds no arrays).
-fn json_array(values: impl Iterator<Item = serde_json::Value>) -> String {
-    serde_json::Value::Array(values.collect()).to_string()
+fn json_array<T: Into<serde_json::Value>>(values: impl IntoIterator<Item = T>) -> String {
+    serde_json::Value::Array(values.into_iter().map(Into::into).collect()).to_string()
 }
 
 /// Lower-case hex of `bytes`, for SQLite's `unhex`.

@@ -66,13 +66,18 @@ impl Handler<OrderCreated> for Flaky {
         if id.starts_with("poison") || calls_so_far <= self.fail_times {
             return Err(HandlerError::retry(format!("transient failure #{calls_so_far} of {id}")));
         }
-        sqlx::query("INSERT INTO effects (event_id, attempt) VALUES ($1, $2)")
-            .bind(&id)
-            .bind(i64::from(attempt))
-            .execute(ctx.db())
-            .await?;
-        Ok(())
+        record_effect(ctx, &id, attempt).await
     }
+}
+
+/// The handler's effect: one row per call that succeeded.
+async fn record_effect(ctx: &mut Context, event_id: &str, attempt: u32) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO effects (event_id, attempt) VALUES ($1, $2)")
+        .bind(event_id)
+        .bind(i64::from(attempt))
+        .execute(ctx.db())
+        .await?;
+    Ok(())
 }
 
 /// A consumer running in the background.
@@ -322,12 +327,7 @@ impl Handler<OrderCreated> for Waiter {
 
     async fn handle(&self, _event: OrderCreated, ctx: &mut Context) -> Result<(), HandlerError> {
         let (id, attempt) = (ctx.meta().event_id.clone(), ctx.meta().attempt);
-        sqlx::query("INSERT INTO effects (event_id, attempt) VALUES ($1, $2)")
-            .bind(id)
-            .bind(i64::from(attempt))
-            .execute(ctx.db())
-            .await?;
-        Ok(())
+        record_effect(ctx, &id, attempt).await
     }
 }
 

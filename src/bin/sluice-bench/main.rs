@@ -293,7 +293,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     // The backlog's growth per second over the measured window; it "grows" beyond noise.
     let growth = |e2e: &e2e::EndToEnd| (e2e.backlog.1 as f64 - e2e.backlog.0 as f64) / args.duration.as_secs_f64();
     let grows = |growth: f64| growth > (args.e2e_rate * 0.02).max(5.0);
-    // The service queue whose ready messages grew the most over the window (each service
+    // Steady: neither the backlog nor the service queue that grew the most grows (each service
     // queue takes about one message per order, so the same threshold applies).
     let steady = |e2e: &e2e::EndToEnd| !grows(growth(e2e)) && e2e.worst_queue(args.duration).is_none_or(|(_, growth)| !grows(growth));
     if let Some(e2e) = &e2e {
