@@ -69,9 +69,7 @@ impl<T: Send + Sync + 'static> Link<T> {
     where
         S: Session<Value = T>,
     {
-        let connection = connect(url, name).await?;
-        let events: Events = connection.events_listener().boxed();
-        let value = session.open(&connection).await?;
+        let (connection, events, value) = establish(url, name, &session).await?;
         let (tx, state) = watch::channel(LinkState::Up { value: Arc::new(value), blocked: None });
         let (ready_tx, ready) = watch::channel(true);
         let stop = CancellationToken::new();
@@ -169,18 +167,31 @@ impl<S: Session> Supervisor<S> {
                 _ = self.stop.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
-            let attempt = async {
-                let connection = connect(&self.url, &self.name).await?;
-                let events: Events = connection.events_listener().boxed();
-                let value = self.session.open(&connection).await?;
-                Ok::<_, Error>((connection, events, value))
-            };
-            match attempt.await {
+            match establish(&self.url, &self.name, &self.session).await {
                 Ok(up) => return Some(up),
                 Err(error) => tracing::warn!(link = %self.name, %error, ?delay, "reconnect failed"),
             }
         }
     }
+}
+
+/// How long connecting and opening a session may take. lapin can leave a handshake or a
+/// channel's set-up unanswered when the connection dies in the middle of it; without a bound,
+/// a link cut at that moment would never try again.
+const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects, registers for the connection's events and opens the session on it, within
+/// [`ESTABLISH_TIMEOUT`].
+async fn establish<S: Session>(url: &str, name: &str, session: &S) -> Result<(Connection, Events, S::Value), Error> {
+    let attempt = async {
+        let connection = connect(url, name).await?;
+        let events: Events = connection.events_listener().boxed();
+        let value = session.open(&connection).await?;
+        Ok::<_, Error>((connection, events, value))
+    };
+    tokio::time::timeout(ESTABLISH_TIMEOUT, attempt)
+        .await
+        .map_err(|_| Error::Unavailable(format!("connecting and setting up took longer than {ESTABLISH_TIMEOUT:?}")))?
 }
 
 /// Opens one connection named `name` (shown in the broker's connection list). An `amqps://`

@@ -63,6 +63,9 @@ enum Outcome {
     Leave,
 }
 
+/// A queue's turn at the database (see [`Store::turn`]).
+type Turn = Option<tokio::sync::OwnedSemaphorePermit>;
+
 /// Shared by every delivery of a consumer.
 struct Shared {
     store: Store,
@@ -117,7 +120,12 @@ impl<E: Event, H: Handler<E>> Route for TypedRoute<E, H> {
                     Err(outcome) => outcomes[i] = Some(outcome),
                 }
             }
-            if prepared.len() == 1 {
+            if intake.is_cancelled() {
+                // Shutdown began while the batch waited for its turn: none of it has started.
+                for (i, ..) in prepared.drain(..) {
+                    outcomes[i] = Some(Outcome::Leave);
+                }
+            } else if prepared.len() == 1 {
                 if let Some((i, event, meta, span)) = prepared.pop() {
                     outcomes[i] = Some(self.run_alone(event, meta, span, shared).await);
                 }
@@ -625,11 +633,11 @@ impl Session for Consuming {
                 let batch = usize::from(self.batch);
                 if batch > 1 {
                     let stop = intake.clone();
-                    self.tracker.spawn(batch_loop(stream, intake, self.shared.store.clone(), batch, move |deliveries| {
+                    self.tracker.spawn(batch_loop(stream, intake, self.shared.store.clone(), batch, move |deliveries, turn| {
                         let (route, shared, stop) = (route.clone(), shared.clone(), stop.clone());
                         async move {
                             let count = deliveries.len();
-                            measured(route.queue(), count, handle_batch(&*route, deliveries, &shared, &stop)).await;
+                            measured(route.queue(), count, handle_batch(&*route, deliveries, turn, &shared, &stop)).await;
                         }
                     }));
                 } else {
@@ -654,11 +662,11 @@ impl Session for Consuming {
                 let stream = channel
                     .basic_consume(topology::short(serve.queue())?, tag.clone(), BasicConsumeOptions::default(), FieldTable::default())
                     .await?;
-                let (serve, reply_channel) = (serve.clone(), channel.clone());
+                let (serve, reply_channel, shared) = (serve.clone(), channel.clone(), self.shared.clone());
                 let (intake, tracker) = (self.intake.clone(), self.tracker.clone());
                 self.tracker.spawn(delivery_loop(stream, intake, tracker, move |delivery| {
-                    let (serve, channel) = (serve.clone(), reply_channel.clone());
-                    async move { answer(&*serve, &channel, delivery).await }
+                    let (serve, channel, shared) = (serve.clone(), reply_channel.clone(), shared.clone());
+                    async move { answer(&*serve, &channel, delivery, &shared).await }
                 }));
                 consumers.push((channel, tag));
             }
@@ -683,6 +691,8 @@ where
 {
     loop {
         let next = tokio::select! {
+            // Shutdown wins over a delivery that is already waiting: nothing new starts.
+            biased;
             _ = intake.cancelled() => return,
             next = stream.next() => next,
         };
@@ -704,14 +714,17 @@ where
 /// this queue its turn. One batch at a time, so a queue's deliveries never contend for the
 /// database among themselves; and since the batch is gathered once the turn has come, the
 /// deliveries that arrived while other queues of the service held the database share one
-/// transaction.
+/// transaction. `handle` gets the turn with the batch, to give it back as soon as it is done
+/// with the database (before it talks to the broker).
 async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, store: Store, max: usize, handle: F)
 where
-    F: Fn(Vec<Delivery>) -> Fut + Send + 'static,
+    F: Fn(Vec<Delivery>, Turn) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         let next = tokio::select! {
+            // Shutdown wins over a delivery that is already waiting: nothing new starts.
+            biased;
             _ = intake.cancelled() => return,
             next = stream.next() => next,
         };
@@ -740,8 +753,7 @@ where
                 None => break,
             }
         }
-        handle(batch).await;
-        drop(turn);
+        handle(batch, turn).await;
         if ended {
             return;
         }
@@ -769,16 +781,18 @@ async fn measured(queue: &str, count: usize, handled: impl std::future::Future<O
 
 /// Handles a batch and settles each delivery; a batch that fully succeeded is acknowledged in
 /// one frame.
-async fn handle_batch(route: &dyn Route, deliveries: Vec<Delivery>, shared: &Shared, stop: &CancellationToken) {
+///
+/// The turn at the database ends with the transaction: settling talks only to the broker,
+/// and an ack on a connection that has just died can go unanswered (see [`tell_broker`]).
+async fn handle_batch(route: &dyn Route, deliveries: Vec<Delivery>, turn: Turn, shared: &Shared, stop: &CancellationToken) {
     let outcomes = route.process_batch(&deliveries, shared, stop).await;
+    drop(turn);
     let last = deliveries.iter().map(|d| d.delivery_tag).max();
     match (outcomes.iter().all(|o| matches!(o, Outcome::Ack)), deliveries.last()) {
         // The usual case. This batch's loop alone consumes from the channel, one batch at a
         // time, so every earlier delivery is already settled.
         (true, Some(delivery)) if last == Some(delivery.delivery_tag) => {
-            if let Err(error) = delivery.ack(BasicAckOptions { multiple: true }).await {
-                tracing::warn!(%error, queue = route.queue(), "ack failed");
-            }
+            tell_broker(delivery.ack(BasicAckOptions { multiple: true }), "ack", route.queue(), shared).await;
         }
         _ => {
             let settled = deliveries.into_iter().zip(outcomes).map(|(d, o)| settle(d, route.queue(), o, shared));
@@ -799,9 +813,7 @@ async fn settle(delivery: Delivery, queue: &str, outcome: Outcome, shared: &Shar
         Outcome::Ack => Ok(()),
         Outcome::Leave => return,
         Outcome::Rerun => {
-            if let Err(error) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
-                tracing::warn!(%error, queue, "returning a message to its queue failed");
-            }
+            tell_broker(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }), "requeue", queue, shared).await;
             return;
         }
         Outcome::Retry(error) => match shared.config.retry.delay_after(attempt) {
@@ -821,17 +833,28 @@ async fn settle(delivery: Delivery, queue: &str, outcome: Outcome, shared: &Shar
     };
     match moved {
         Ok(()) => {
-            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                // The broker will redeliver; the inbox makes that harmless.
-                tracing::warn!(%error, queue, "ack failed");
-            }
+            // If the ack is lost, the broker redelivers; the inbox makes that harmless.
+            tell_broker(delivery.ack(BasicAckOptions::default()), "ack", queue, shared).await;
         }
         Err(error) => {
             tracing::error!(error.message = %error, queue, "could not move the message; returning it to the queue");
             // Back off a little so a broker-side failure does not become a hot redelivery loop.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            tell_broker(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }), "requeue", queue, shared).await;
         }
+    }
+}
+
+/// Sends an ack, a requeue or a reply and waits for lapin to take it, up to the confirm
+/// timeout. lapin (4.12) can leave that wait unanswered forever when the connection dies at
+/// the wrong moment; the broker then redelivers what it was not told, so giving up loses
+/// nothing, and it keeps a dead connection's tasks from outliving it.
+async fn tell_broker<T>(sent: impl std::future::Future<Output = lapin::Result<T>>, what: &str, queue: &str, shared: &Shared) {
+    let limit = shared.config.confirm_timeout;
+    match tokio::time::timeout(limit, sent).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, queue, "{what} failed"),
+        Err(_) => tracing::warn!(queue, ?limit, "{what} went unanswered; given up (the broker redelivers what was not acknowledged)"),
     }
 }
 
@@ -876,7 +899,7 @@ fn with_headers(properties: &BasicProperties, headers: FieldTable) -> BasicPrope
 }
 
 /// Serves one request and acks it. Replies go straight to the caller's reply-to address.
-async fn answer(serve: &dyn Serve, channel: &Channel, delivery: Delivery) {
+async fn answer(serve: &dyn Serve, channel: &Channel, delivery: Delivery, shared: &Shared) {
     let reply_to = delivery.properties.reply_to().clone();
     let correlation_id = delivery.properties.correlation_id().clone();
     let result = serve.reply(&delivery).await;
@@ -894,13 +917,10 @@ async fn answer(serve: &dyn Serve, channel: &Channel, delivery: Delivery) {
                 Vec::new()
             }
         };
-        if let Err(error) = channel.basic_publish("".into(), reply_to, BasicPublishOptions::default(), &body, properties).await {
-            tracing::warn!(%error, "sending a reply");
-        }
+        let reply = channel.basic_publish("".into(), reply_to, BasicPublishOptions::default(), &body, properties);
+        tell_broker(reply, "reply", serve.queue(), shared).await;
     }
-    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-        tracing::warn!(%error, "ack of a request failed");
-    }
+    tell_broker(delivery.ack(BasicAckOptions::default()), "ack of a request", serve.queue(), shared).await;
 }
 
 /// A running consumer: its handlers, request responders and outbox relay.

@@ -274,6 +274,13 @@ impl TestApp {
 
     /// Waits until the order satisfies `done`, or panics with its last state.
     pub async fn wait_for(&self, order_id: &str, done: impl Fn(&Order) -> bool) -> Order {
+        self.try_wait_for(order_id, done)
+            .await
+            .unwrap_or_else(|last| panic!("order {order_id} did not reach the expected state; last seen: {last:#?}"))
+    }
+
+    /// Waits until the order satisfies `done`; `Err` holds its last state if it never did.
+    pub async fn try_wait_for(&self, order_id: &str, done: impl Fn(&Order) -> bool) -> Result<Order, Option<Order>> {
         let mut last = None;
         let found = eventually(
             || {
@@ -284,12 +291,19 @@ impl TestApp {
             &mut last,
         )
         .await;
-        found.unwrap_or_else(|| panic!("order {order_id} did not reach the expected state; last seen: {last:#?}"))
+        found.ok_or(last)
     }
 
     /// Waits for a terminal status with the full history of that outcome projected.
     pub async fn wait_for_outcome(&self, order_id: &str) -> Order {
-        self.wait_for(order_id, |o| match o.status() {
+        self.try_wait_for_outcome(order_id)
+            .await
+            .unwrap_or_else(|last| panic!("order {order_id} did not reach a terminal status; last seen: {last:#?}"))
+    }
+
+    /// [`TestApp::wait_for_outcome`], with the order's last state as `Err` if it never got there.
+    pub async fn try_wait_for_outcome(&self, order_id: &str) -> Result<Order, Option<Order>> {
+        self.try_wait_for(order_id, |o| match o.status() {
             OrderStatus::Completed => has_events(o, &["order.created", "inventory.reserved", "payment.captured", "notification.sent"]),
             OrderStatus::Rejected => has_events(o, &["order.created", "inventory.rejected", "notification.sent"]),
             // The release and the notification both react to the decline: either may come first.
@@ -303,6 +317,32 @@ impl TestApp {
             _ => false,
         })
         .await
+    }
+
+    /// Every queue of this test's vhost with its ready messages and consumers (a passive
+    /// declare each, on the test's own connection): what a failing test prints to show where
+    /// the flow stopped.
+    pub async fn queue_report(&self) -> String {
+        let names = broker::admin().queue_names(self.vhost()).unwrap_or_default();
+        let Ok(connection) = lapin::Connection::connect(&self.bus.url, lapin::ConnectionProperties::default()).await else {
+            return "(no connection to the broker)".into();
+        };
+        let mut report = Vec::new();
+        for name in names {
+            let line = match connection.create_channel().await {
+                Ok(channel) => {
+                    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+                    match channel.queue_declare(name.as_str().into(), passive, lapin::types::FieldTable::default()).await {
+                        Ok(q) => format!("{name}: {} ready, {} consumers", q.message_count(), q.consumer_count()),
+                        Err(e) => format!("{name}: {e}"),
+                    }
+                }
+                Err(e) => format!("{name}: {e}"),
+            };
+            report.push(line);
+        }
+        let _ = connection.close(200, "done".into()).await;
+        report.join("\n")
     }
 
     /// Current stock of `sku`, asked of the inventory service.
