@@ -80,17 +80,35 @@ impl TelemetryConfig {
     }
 }
 
-/// Flushes and stops the exporter when dropped at the end of `main`.
-#[must_use = "dropping the guard flushes and stops span export"]
+/// Flushes and stops the exporter: call [`TelemetryGuard::shutdown`] at the end of `main`.
+#[must_use = "call `shutdown().await` at the end of main, or the last spans may be lost"]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
 }
 
+impl TelemetryGuard {
+    /// Exports the spans still queued, then stops the exporter.
+    ///
+    /// The OTLP exporter's gRPC channel runs on this runtime, so the runtime must keep running
+    /// while the batch processor flushes: the flush waits on a blocking thread, and this task
+    /// awaits it. (Blocking the runtime's only thread instead, as a `Drop` must on a
+    /// current-thread runtime, starves the channel: the services lost their last spans at every
+    /// stop, after a 5 s timeout.)
+    pub async fn shutdown(mut self) {
+        if let Some(provider) = self.provider.take() {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(error)) = flushed {
+                tracing::warn!(%error, "flushing spans at shutdown");
+            }
+        }
+    }
+}
+
 impl Drop for TelemetryGuard {
+    /// A fallback for a `main` that returns early: it flushes what it can. On a multi-threaded
+    /// runtime the other workers carry the export; on a current-thread one it times out.
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
-            // The OTLP exporter needs a runtime thread; shutting down from a plain thread keeps
-            // a busy current-thread runtime from deadlocking the final flush.
             let _ = std::thread::spawn(move || provider.shutdown()).join();
         }
     }

@@ -16,10 +16,15 @@ async fn main() -> anyhow::Result<ExitCode> {
     if let Some(code) = sluice::ops::health_subcommand(config.ops_addr).await {
         return Ok(code);
     }
-    let _telemetry = sluice::telemetry::init(&config.telemetry)?;
+    let telemetry = sluice::telemetry::init(&config.telemetry)?;
     let shutdown = sluice::shutdown::Shutdown::on_signals();
     let gateway = sluice_gateway::Gateway::bind(config).await?;
-    gateway.run(shutdown.clone()).await?;
-    shutdown.wait().await;
+    let served = gateway.run(shutdown.clone()).await;
+    if served.is_ok() {
+        shutdown.wait().await;
+    }
+    // Before the runtime stops: the last spans are exported through it.
+    telemetry.shutdown().await;
+    served?;
     Ok(ExitCode::SUCCESS)
 }

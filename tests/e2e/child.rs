@@ -8,11 +8,20 @@ use sluice::config::Env;
 use sluice::shutdown::Shutdown;
 use sluice::telemetry::TelemetryConfig;
 
-/// Not a test: the body of a child process (ignored, and inert without its variable).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Not a test: the body of a child process (ignored, and inert without its variable). Its
+/// runtime is the one its binary uses: one thread for a service, a thread pool for the gateway.
+#[test]
 #[ignore = "runs only as a child process of another test"]
-async fn process() {
+fn process() {
     let Ok(name) = std::env::var("SLUICE_CHILD_SERVICE") else { return };
+    let runtime = match name.as_str() {
+        "inventory" | "payment" | "notification" | "orders" => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
+    };
+    runtime.expect("the child's runtime").block_on(run(name));
+}
+
+async fn run(name: String) {
     let telemetry = TelemetryConfig::from_source(&Env, &format!("sluice-{name}")).expect("telemetry configuration");
     let guard = if telemetry.otlp_endpoint.is_some() {
         Some(sluice::telemetry::init(&telemetry).expect("telemetry"))
@@ -50,8 +59,10 @@ async fn process() {
         }
         other => panic!("unknown child service {other}"),
     }
-    // Flushes spans before the process exits.
-    drop(guard);
+    // Flushes spans before the process exits, as the binaries do.
+    if let Some(guard) = guard {
+        guard.shutdown().await;
+    }
 }
 
 /// Spawns `name` as a child process with `env`. Its output goes to `stdout` (or nowhere,

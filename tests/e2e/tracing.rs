@@ -3,6 +3,8 @@
 //! caller's `traceparent` appears as a single trace across all of them. The log level does
 //! not decide what is traced: every process but inventory logs at `warn` only. Events sent on a
 //! PublishStream join the caller's trace when it sent one, and are traces of their own otherwise.
+//! Each process exports its spans only when it stops (SIGTERM), as its binary does, on the
+//! runtime its binary uses: nothing queued is lost at shutdown.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -147,6 +149,10 @@ async fn one_order_is_one_trace_across_every_process() {
         let mut env = vec![
             ("SLUICE_AMQP_URL".to_owned(), vhost.url()),
             ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), format!("http://{collector_addr}")),
+            // No export on a timer: every span reaches the collector through the flush each
+            // process does when it stops, so a process that loses its queued spans at SIGTERM
+            // fails this test (the services did, on their single-threaded runtime).
+            ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "600000".to_owned()),
             ("SLUICE_LOG_FORMAT".to_owned(), "json".to_owned()),
             ("RUST_LOG".to_owned(), "warn".to_owned()),
         ];

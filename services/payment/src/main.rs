@@ -14,9 +14,12 @@ async fn main() -> anyhow::Result<ExitCode> {
     if let Some(code) = sluice::ops::health_subcommand(config.ops_addr).await {
         return Ok(code);
     }
-    let _telemetry = sluice::telemetry::init(&config.telemetry)?;
+    let telemetry = sluice::telemetry::init(&config.telemetry)?;
     let shutdown = sluice::shutdown::Shutdown::on_signals();
     let consumer = sluice_payment::start(&config).await?;
-    sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.map_err(|e| anyhow::anyhow!(e))?;
+    let served = sluice::ops::run_service(consumer, config.ops_addr, shutdown).await;
+    // Before the runtime stops: the last spans are exported through it.
+    telemetry.shutdown().await;
+    served.map_err(|e| anyhow::anyhow!(e))?;
     Ok(ExitCode::SUCCESS)
 }
