@@ -221,21 +221,34 @@ async fn one_order_is_one_trace_across_every_process() {
     )
     .await
     .expect("PlaceOrder succeeds once the services are up");
-    let mut request = tonic::Request::new(an_order("SKU-1", 1, "tok_visa"));
-    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
-    let accepted = client.clone().place_order(request).await.expect("the traced PlaceOrder").into_inner();
-    let order = eventually(
-        || {
-            let mut client = client.clone();
-            let id = accepted.order_id.clone();
-            async move { client.get_order(sluice::pb::GetOrderRequest { order_id: id }).await.ok().map(|r| r.into_inner()) }
-        },
-        |o| o.status() == OrderStatus::Completed && o.history.len() == 4,
-        &mut None,
-    )
-    .await
-    .expect("the order completes");
-    assert_eq!(order.status(), OrderStatus::Completed);
+    let place = |traceparent: String| {
+        let mut client = client.clone();
+        async move {
+            let mut request = tonic::Request::new(an_order("SKU-1", 1, "tok_visa"));
+            request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+            let accepted = client.place_order(request).await.expect("the traced PlaceOrder").into_inner();
+            let mut last = None;
+            let order = eventually(
+                || {
+                    let mut client = client.clone();
+                    let id = accepted.order_id.clone();
+                    async move { client.get_order(sluice::pb::GetOrderRequest { order_id: id }).await.ok().map(|r| r.into_inner()) }
+                },
+                |o| o.status() == OrderStatus::Completed && o.history.len() == 4,
+                &mut last,
+            )
+            .await
+            .unwrap_or_else(|| panic!("order {} ({traceparent}) did not complete; last seen: {last:?}", accepted.order_id));
+            assert_eq!(order.status(), OrderStatus::Completed);
+            accepted
+        }
+    };
+    let accepted = place(traceparent).await;
+    // A caller that decided not to sample (flag 00): every process follows its decision (the
+    // default sampler is parent-based), so none of the order's spans is exported, though its
+    // log lines still carry the trace id.
+    let unsampled_trace = uuid::Uuid::new_v4().simple().to_string();
+    let unsampled = place(format!("00-{unsampled_trace}-{caller_span}-00")).await;
     drop(client);
 
     // PublishStream, once inside a caller's trace and once outside any.
@@ -280,12 +293,19 @@ async fn one_order_is_one_trace_across_every_process() {
     assert_eq!(untraced_traces.len(), 2, "one trace per event: {untraced_traces:?}");
     assert!(!untraced_traces.contains(&stream_trace) && !untraced_traces.contains(&caller_trace));
 
+    let exported: Vec<&str> = all.iter().filter(|r| hex(&r.span.trace_id) == unsampled_trace).map(|r| r.span.name.as_str()).collect();
+    assert!(exported.is_empty(), "spans of the caller's unsampled trace were exported: {exported:?}");
+
     let spans: Vec<Received> = all
         .iter()
         .filter(|r| hex(&r.span.trace_id) == caller_trace)
         .cloned()
         .collect();
     let by_id: HashMap<String, &Received> = spans.iter().map(|r| (hex(&r.span.span_id), r)).collect();
+    // The README's count: the gateway's server and PRODUCER spans, a CONSUMER and a handler span
+    // for each of the 9 deliveries, and a PRODUCER for each of the 3 events the services emit.
+    let names: Vec<(&str, &str)> = spans.iter().map(|r| (r.service.as_str(), r.span.name.as_str())).collect();
+    assert_eq!(spans.len(), 2 + 9 * 2 + 3, "an order makes 23 spans: {names:#?}");
     let services: BTreeSet<&str> = spans.iter().map(|r| r.service.as_str()).collect();
     let expected: BTreeSet<&str> = ["sluice-gateway", "sluice-inventory", "sluice-payment", "sluice-notification", "sluice-orders"].into();
     assert!(services.is_superset(&expected), "services in the trace: {services:?}");
@@ -339,6 +359,12 @@ async fn one_order_is_one_trace_across_every_process() {
     let delivered = string_attribute(&process.span, "messaging.message.id").expect("the delivery's message id");
     assert_eq!(line["event_id"], delivered, "and the id of the event being handled: {reserved}");
     println!("inventory's log line: {reserved}");
+    let unsampled_line = lines
+        .iter()
+        .find(|l| l.contains("stock reserved") && l.contains(&unsampled.order_id))
+        .expect("inventory logged the unsampled order's reservation");
+    let unsampled_line: serde_json::Value = serde_json::from_str(unsampled_line).expect("a JSON log line");
+    assert_eq!(unsampled_line["trace_id"], unsampled_trace.as_str(), "an unsampled order's log lines carry its trace id: {unsampled_line}");
 
     // The tree, for the record.
     fn print(tree: &HashMap<String, Vec<&Received>>, id: &str, depth: usize) {

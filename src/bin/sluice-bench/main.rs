@@ -23,6 +23,7 @@ mod baseline;
 mod broker;
 mod cpu;
 mod e2e;
+mod otlp;
 mod platform;
 mod report;
 mod stream;
@@ -82,6 +83,10 @@ struct Args {
     /// Keep the temp dir (databases, logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// Every process exports its spans over OTLP/gRPC, as in docker-compose, to a sink in this
+    /// tool that counts them (without it, spans are made but not exported).
+    #[arg(long)]
+    otlp: bool,
     /// Scenarios to run (for profiling one of them); the summary judges only what ran.
     #[arg(long, value_delimiter = ',', default_value = "baseline,e2e,unary,stream")]
     only: Vec<Scenario>,
@@ -156,8 +161,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let dir = TempDir { path: std::env::temp_dir().join(&vhost.name), keep: args.keep };
     std::fs::create_dir_all(&dir.path).with_context(|| format!("creating {}", dir.path.display()))?;
     eprintln!("vhost {}, databases and logs in {}", vhost.name, dir.path.display());
+    let sink = match args.otlp {
+        true => Some(otlp::Sink::start().await?),
+        false => None,
+    };
     let started = Instant::now();
-    let mut platform = platform::Platform::start(&bin_dir, &vhost.url(), &dir.path)?;
+    let mut platform = platform::Platform::start(&bin_dir, &vhost.url(), &dir.path, sink.as_ref().map(|(_, addr)| format!("http://{addr}")))?;
     eprintln!("platform up in {:.1} s, gRPC on {}", started.elapsed().as_secs_f64(), platform.grpc_addr);
 
     let mut baselines = Vec::new();
@@ -166,9 +175,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         for &window in &args.windows {
             eprintln!("broker baseline: {queues} queue(s), {window} in flight");
             settle().await;
-            let usage = cpu::Usage::start(&platform.pids());
+            let usage = Spent::start(&platform, &sink);
             baselines.push(baseline::run(&vhost.url(), window, queues, Message::Plain, args.warmup, args.duration).await?);
-            eprintln!("  CPU {}", usage.report());
+            usage.report();
         }
     }
     // The gateway's own messages, with the same routing, at the largest window: how much of the
@@ -176,19 +185,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if let Some(&window) = args.windows.iter().max().filter(|_| runs(Scenario::Baseline)) {
         eprintln!("broker baseline: 3 queues, {window} in flight, the gateway's order.created");
         settle().await;
-        let usage = cpu::Usage::start(&platform.pids());
+        let usage = Spent::start(&platform, &sink);
         baselines.push(baseline::run(&vhost.url(), window, 3, Message::Gateway, args.warmup, args.duration).await?);
-        eprintln!("  CPU {}", usage.report());
+        usage.report();
     }
     let ceiling = |queues: usize, message: Message| {
         baselines.iter().filter(|b| b.queues == queues && b.message == message).map(|b| b.rate).fold(0.0, f64::max)
     };
     let (ceiling1, ceiling3, ceiling3_gateway) = (ceiling(1, Message::Plain), ceiling(3, Message::Plain), ceiling(3, Message::Gateway));
 
-    eprintln!("end to end: {} orders/s offered", args.e2e_rate);
-    if runs(Scenario::E2e) {
-        settle().await;
-    }
     let load = e2e::Load {
         rate: args.e2e_rate,
         max_calls: args.e2e_calls,
@@ -197,15 +202,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         duration: args.duration,
         drain_timeout: args.drain_timeout,
     };
-    let usage = cpu::Usage::start(&platform.pids());
-    let e2e = if runs(Scenario::E2e) { Some(e2e::run(platform.grpc_addr, &vhost, &load).await?) } else { None };
-    eprintln!("  CPU {}", usage.report());
+    let mut e2e = None;
     if runs(Scenario::E2e) {
+        eprintln!("end to end: {} orders/s offered", args.e2e_rate);
+        settle().await;
+        let usage = Spent::start(&platform, &sink);
+        e2e = Some(e2e::run(platform.grpc_addr, &vhost, &load).await?);
+        usage.report();
         let sizes = platform.batch_sizes()?;
         let sizes: Vec<String> = sizes.iter().map(|(queue, size)| format!("{queue} {size:.1}")).collect();
         eprintln!("  deliveries per transaction: {}", sizes.join(", "));
-    }
-    if !runs(Scenario::E2e) {
+    } else {
         // The gateway learns the catalog's SKUs from inventory: one order before inventory stops.
         let mut client = unary::clients(platform.grpc_addr, 1).await?.remove(0);
         client.place_order(unary::an_order(0)).await.context("the warm-up order")?;
@@ -227,9 +234,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         purge(&channel, &order_created).await?;
         eprintln!("unary PlaceOrder: {concurrency} in flight");
         settle().await;
-        let usage = cpu::Usage::start(&platform.pids());
+        let usage = Spent::start(&platform, &sink);
         let result = unary::run(platform.grpc_addr, concurrency, args.connections, args.warmup, args.duration).await?;
-        eprintln!("  CPU {}", usage.report());
+        usage.report();
         let check = delivered(&channel, &order_created, result.accepted, result.failed).await?;
         unaries.push((concurrency, result, check));
     }
@@ -238,15 +245,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         purge(&channel, &order_created).await?;
         eprintln!("PublishStream: {window} in flight");
         settle().await;
-        let usage = cpu::Usage::start(&platform.pids());
+        let usage = Spent::start(&platform, &sink);
         let result = stream::run(platform.grpc_addr, window, args.warmup, args.duration).await?;
-        eprintln!("  CPU {}", usage.report());
+        usage.report();
         let check = delivered(&channel, &order_created, result.accepted, result.failed).await?;
         streams.push((window, result, check));
     }
     let _ = connection.close(200, "done".into()).await;
     memory.extend(platform.peak_rss());
     drop(platform);
+    if let Some((sink, _)) = &sink {
+        let (total, by) = otlp::Sink::describe(&Default::default(), &sink.received());
+        eprintln!("OTLP sink received {} spans in all ({by})", thousands(total as f64));
+    }
     for (name, logged) in platform::logged(&dir.path) {
         eprintln!(
             "sluice-{name} logged {} warnings ({} handler retries) and {} errors",
@@ -421,6 +432,29 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     parts.push(format!("load average {}", load_average()));
     println!("SUMMARY: {}", parts.join(" | "));
     Ok(failed == 0)
+}
+
+/// What a scenario cost: CPU by process and, with `--otlp`, the spans exported meanwhile (the
+/// batch processors export every 5 s or 512 spans, so a scenario's last spans may count in
+/// the next one).
+struct Spent<'a> {
+    cpu: cpu::Usage,
+    spans: Option<(&'a otlp::Sink, std::collections::BTreeMap<String, u64>)>,
+}
+
+impl<'a> Spent<'a> {
+    fn start(platform: &platform::Platform, sink: &'a Option<(otlp::Sink, std::net::SocketAddr)>) -> Self {
+        let spans = sink.as_ref().map(|(sink, _)| (sink, sink.received()));
+        Self { cpu: cpu::Usage::start(&platform.pids()), spans }
+    }
+
+    fn report(&self) {
+        eprintln!("  CPU {}", self.cpu.report());
+        if let Some((sink, before)) = &self.spans {
+            let (total, by) = otlp::Sink::describe(before, &sink.received());
+            eprintln!("  spans exported: {} ({by})", thousands(total as f64));
+        }
+    }
 }
 
 /// Waits (at most 30 s) for the broker to finish the previous scenario's background work

@@ -30,6 +30,8 @@ struct Process {
 /// The running processes. Dropping it stops whatever is still running.
 pub struct Platform {
     bin_dir: PathBuf,
+    /// Where every process exports its spans (`--otlp`), or `None` for no export.
+    otlp: Option<String>,
     processes: Vec<Process>,
     /// Where the gateway serves gRPC.
     pub grpc_addr: SocketAddr,
@@ -62,11 +64,12 @@ pub fn bin_dir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 impl Platform {
     /// Starts the services, waits until each is ready, then starts the gateway and waits for it.
-    pub fn start(bin_dir: &Path, amqp_url: &str, dir: &Path) -> anyhow::Result<Self> {
+    pub fn start(bin_dir: &Path, amqp_url: &str, dir: &Path, otlp: Option<String>) -> anyhow::Result<Self> {
         let catalog = dir.join("catalog.json");
         let items = serde_json::json!([{ "sku": SKU, "name": "Benchmark widget", "price_cents": 100, "stock": 1_000_000_000_000_i64 }]);
         std::fs::write(&catalog, items.to_string()).context("writing the catalog")?;
-        let mut platform = Self { bin_dir: bin_dir.to_owned(), processes: Vec::new(), grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
+        let mut platform =
+            Self { bin_dir: bin_dir.to_owned(), otlp, processes: Vec::new(), grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
         let mut ops = Vec::new();
         for name in SERVICES {
             let ops_addr = format!("127.0.0.1:{}", free_port()?);
@@ -91,12 +94,16 @@ impl Platform {
     fn spawn(&mut self, name: &'static str, ops_addr: &str, amqp_url: &str, dir: &Path, env: &[(String, String)]) -> anyhow::Result<()> {
         let log_path = dir.join(format!("{name}.log"));
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(self.bin_dir.join(format!("sluice-{name}")))
+        let mut command = Command::new(self.bin_dir.join(format!("sluice-{name}")));
+        match &self.otlp {
+            Some(endpoint) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            None => command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        };
+        let child = command
             .env("OTEL_SERVICE_NAME", format!("sluice-{name}"))
             .env("SLUICE_OPS_ADDR", ops_addr)
             .env("SLUICE_AMQP_URL", amqp_url)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("SLUICE_AUTH_TOKENS")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
