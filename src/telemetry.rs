@@ -105,8 +105,9 @@ impl TelemetryGuard {
 }
 
 impl Drop for TelemetryGuard {
-    /// A fallback for a `main` that returns early: it flushes what it can. On a multi-threaded
-    /// runtime the other workers carry the export; on a current-thread one it times out.
+    /// A fallback for a guard that was never shut down (a panic, say): it flushes what it can.
+    /// On a multi-threaded runtime the other workers carry the export; on a current-thread one
+    /// it times out after 5 s and the queued spans are lost.
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
             let _ = std::thread::spawn(move || provider.shutdown()).join();

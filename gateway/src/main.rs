@@ -17,13 +17,15 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     let telemetry = sluice::telemetry::init(&config.telemetry)?;
-    let shutdown = sluice::shutdown::Shutdown::on_signals();
-    let gateway = sluice_gateway::Gateway::bind(config).await?;
-    let served = gateway.run(shutdown.clone()).await;
-    if served.is_ok() {
+    let served = async {
+        let shutdown = sluice::shutdown::Shutdown::on_signals();
+        let gateway = sluice_gateway::Gateway::bind(config).await?;
+        gateway.run(shutdown.clone()).await?;
         shutdown.wait().await;
+        anyhow::Ok(())
     }
-    // Before the runtime stops: the last spans are exported through it.
+    .await;
+    // Whether it started or not, before the runtime stops: the last spans are exported through it.
     telemetry.shutdown().await;
     served?;
     Ok(ExitCode::SUCCESS)

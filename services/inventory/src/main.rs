@@ -15,11 +15,14 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     let telemetry = sluice::telemetry::init(&config.service.telemetry)?;
-    let shutdown = sluice::shutdown::Shutdown::on_signals();
-    let consumer = sluice_inventory::start(&config).await?;
-    let served = sluice::ops::run_service(consumer, config.service.ops_addr, shutdown).await;
-    // Before the runtime stops: the last spans are exported through it.
+    let served = async {
+        let shutdown = sluice::shutdown::Shutdown::on_signals();
+        let consumer = sluice_inventory::start(&config).await?;
+        sluice::ops::run_service(consumer, config.service.ops_addr, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+    }
+    .await;
+    // Whether it started or not, before the runtime stops: the last spans are exported through it.
     telemetry.shutdown().await;
-    served.map_err(|e| anyhow::anyhow!(e))?;
+    served?;
     Ok(ExitCode::SUCCESS)
 }
