@@ -161,10 +161,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let dir = TempDir { path: std::env::temp_dir().join(&vhost.name), keep: args.keep };
     std::fs::create_dir_all(&dir.path).with_context(|| format!("creating {}", dir.path.display()))?;
     eprintln!("vhost {}, databases and logs in {}", vhost.name, dir.path.display());
-    let sink = match args.otlp {
-        true => Some(otlp::Sink::start().await?),
-        false => None,
-    };
+    let sink = if args.otlp { Some(otlp::Sink::start().await?) } else { None };
     let started = Instant::now();
     let mut platform = platform::Platform::start(&bin_dir, &vhost.url(), &dir.path, sink.as_ref().map(|(_, addr)| format!("http://{addr}")))?;
     eprintln!("platform up in {:.1} s, gRPC on {}", started.elapsed().as_secs_f64(), platform.grpc_addr);
