@@ -23,46 +23,69 @@ fn process() {
 
 async fn run(name: String) {
     let telemetry = TelemetryConfig::from_source(&Env, &format!("sluice-{name}")).expect("telemetry configuration");
-    let guard = if telemetry.otlp_endpoint.is_some() {
-        Some(sluice::telemetry::init(&telemetry).expect("telemetry"))
-    } else {
-        sluice::telemetry::init_propagation();
-        None
-    };
-    let shutdown = Shutdown::on_signals();
     match name.as_str() {
-        "retry-trace" => crate::delivery::retried_and_dead_lettered_trace().await,
-        "gateway" => {
-            let config = sluice_gateway::Config::from_env().expect("gateway configuration");
-            let gateway = sluice_gateway::Gateway::bind(config).await.expect("gateway bind");
-            gateway.run(shutdown).await.expect("gateway run");
-        }
         "inventory" => {
             let config = sluice_inventory::Config::from_env().expect("inventory configuration");
-            let consumer = sluice_inventory::start(&config).await.expect("start");
-            sluice::ops::run_service(consumer, config.service.ops_addr, shutdown).await.expect("run");
+            serve(&telemetry, config.service.ops_addr, sluice_inventory::start(&config)).await;
         }
         "payment" => {
             let config = sluice_payment::config_from_env().expect("payment configuration");
-            let consumer = sluice_payment::start(&config).await.expect("start");
-            sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.expect("run");
+            serve(&telemetry, config.ops_addr, sluice_payment::start(&config)).await;
         }
         "notification" => {
             let config = sluice_notification::config_from_env().expect("notification configuration");
-            let consumer = sluice_notification::start(&config).await.expect("start");
-            sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.expect("run");
+            serve(&telemetry, config.ops_addr, sluice_notification::start(&config)).await;
         }
         "orders" => {
             let config = sluice_orders::config_from_env().expect("orders configuration");
-            let consumer = sluice_orders::start(&config).await.expect("start");
-            sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.expect("run");
+            serve(&telemetry, config.ops_addr, sluice_orders::start(&config)).await;
         }
-        other => panic!("unknown child service {other}"),
+        other => {
+            let guard = traced(&telemetry);
+            let shutdown = Shutdown::on_signals();
+            match other {
+                "retry-trace" => crate::delivery::retried_and_dead_lettered_trace().await,
+                "gateway" => {
+                    let config = sluice_gateway::Config::from_env().expect("gateway configuration");
+                    let gateway = sluice_gateway::Gateway::bind(config).await.expect("gateway bind");
+                    gateway.run(shutdown).await.expect("gateway run");
+                }
+                other => panic!("unknown child service {other}"),
+            }
+            // Flushes spans before the process exits, as the binary does.
+            if let Some(guard) = guard {
+                guard.shutdown().await;
+            }
+        }
     }
-    // Flushes spans before the process exits, as the binaries do.
-    if let Some(guard) = guard {
-        guard.shutdown().await;
+}
+
+/// Telemetry as the binaries install it when spans are exported; without an exporter, only
+/// propagation, so that a test's output stays quiet.
+fn traced(telemetry: &TelemetryConfig) -> Option<sluice::telemetry::TelemetryGuard> {
+    if telemetry.otlp_endpoint.is_some() {
+        Some(sluice::telemetry::init(telemetry).expect("telemetry"))
+    } else {
+        sluice::telemetry::init_propagation();
+        None
     }
+}
+
+/// A service: exporting spans, exactly as its binary runs it (`service_main`); otherwise the
+/// same without telemetry.
+async fn serve(
+    telemetry: &TelemetryConfig,
+    ops_addr: Option<std::net::SocketAddr>,
+    start: impl Future<Output = Result<sluice::bus::Consumer, sluice::bus::Error>>,
+) {
+    if telemetry.otlp_endpoint.is_some() {
+        sluice::ops::service_main(telemetry, ops_addr, start).await.expect("the service");
+        return;
+    }
+    sluice::telemetry::init_propagation();
+    let shutdown = Shutdown::on_signals();
+    let consumer = start.await.expect("start");
+    sluice::ops::run_service(consumer, ops_addr, shutdown).await.expect("run");
 }
 
 /// Spawns `name` as a child process with `env`. Its output goes to `stdout` (or nowhere,

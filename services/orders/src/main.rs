@@ -14,15 +14,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     if let Some(code) = sluice::ops::health_subcommand(config.ops_addr).await {
         return Ok(code);
     }
-    let telemetry = sluice::telemetry::init(&config.telemetry)?;
-    let served = async {
-        let shutdown = sluice::shutdown::Shutdown::on_signals();
-        let consumer = sluice_orders::start(&config).await?;
-        sluice::ops::run_service(consumer, config.ops_addr, shutdown).await.map_err(|e| anyhow::anyhow!(e))
-    }
-    .await;
-    // Whether it started or not, before the runtime stops: the last spans are exported through it.
-    telemetry.shutdown().await;
-    served?;
+    // Until SIGTERM or Ctrl-C; the last spans are exported before main returns.
+    sluice::ops::service_main(&config.telemetry, config.ops_addr, sluice_orders::start(&config)).await.map_err(|e| anyhow::anyhow!(e))?;
     Ok(ExitCode::SUCCESS)
 }
