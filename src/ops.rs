@@ -97,21 +97,18 @@ pub async fn run_service(
 
 /// A service's `main` once it is configured: telemetry, then `start`, then [`run_service`] until
 /// SIGTERM or Ctrl-C; then the spans still queued are exported, whether the service started or
-/// not, while the runtime still runs (see [`crate::telemetry::TelemetryGuard::shutdown`]).
+/// not, while the runtime still runs (see [`crate::telemetry::traced`]).
 pub async fn service_main(
     telemetry: &crate::telemetry::TelemetryConfig,
     ops_addr: Option<SocketAddr>,
     start: impl Future<Output = Result<crate::bus::Consumer, crate::bus::Error>>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let telemetry = crate::telemetry::init(telemetry)?;
-    let served = async {
+    crate::telemetry::traced(telemetry, async {
         let shutdown = Shutdown::on_signals();
         let consumer = start.await?;
         run_service(consumer, ops_addr, shutdown).await
-    }
-    .await;
-    telemetry.shutdown().await;
-    served
+    })
+    .await?
 }
 
 /// Parses `SLUICE_OPS_ADDR`: an address, `off`, or unset for `0.0.0.0:<default_port>`.

@@ -280,6 +280,15 @@ where
     }
 }
 
+/// Runs a process's `body` with telemetry installed ([`init`]), then exports the spans still
+/// queued ([`TelemetryGuard::shutdown`]) whatever `body` returned, while the runtime still runs.
+pub async fn traced<T>(config: &TelemetryConfig, body: impl Future<Output = T>) -> Result<T, TelemetryError> {
+    let guard = init(config)?;
+    let outcome = body.await;
+    guard.shutdown().await;
+    Ok(outcome)
+}
+
 /// Installs logging, tracing export and propagation for this process. Call once, in `main`.
 pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     init_propagation();

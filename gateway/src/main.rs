@@ -16,17 +16,15 @@ async fn main() -> anyhow::Result<ExitCode> {
     if let Some(code) = sluice::ops::health_subcommand(config.ops_addr).await {
         return Ok(code);
     }
-    let telemetry = sluice::telemetry::init(&config.telemetry)?;
-    let served = async {
+    // Whether it started or not, the last spans are exported before main returns.
+    let telemetry = config.telemetry.clone();
+    sluice::telemetry::traced(&telemetry, async {
         let shutdown = sluice::shutdown::Shutdown::on_signals();
         let gateway = sluice_gateway::Gateway::bind(config).await?;
         gateway.run(shutdown.clone()).await?;
         shutdown.wait().await;
         anyhow::Ok(())
-    }
-    .await;
-    // Whether it started or not, before the runtime stops: the last spans are exported through it.
-    telemetry.shutdown().await;
-    served?;
+    })
+    .await??;
     Ok(ExitCode::SUCCESS)
 }

@@ -41,38 +41,31 @@ async fn run(name: String) {
             serve(&telemetry, config.ops_addr, sluice_orders::start(&config)).await;
         }
         other => {
-            let guard = traced(&telemetry);
-            let shutdown = Shutdown::on_signals();
-            match other {
-                "retry-trace" => crate::delivery::retried_and_dead_lettered_trace().await,
-                "gateway" => {
-                    let config = sluice_gateway::Config::from_env().expect("gateway configuration");
-                    let gateway = sluice_gateway::Gateway::bind(config).await.expect("gateway bind");
-                    gateway.run(shutdown).await.expect("gateway run");
+            let body = async {
+                let shutdown = Shutdown::on_signals();
+                match other {
+                    "retry-trace" => crate::delivery::retried_and_dead_lettered_trace().await,
+                    "gateway" => {
+                        let config = sluice_gateway::Config::from_env().expect("gateway configuration");
+                        let gateway = sluice_gateway::Gateway::bind(config).await.expect("gateway bind");
+                        gateway.run(shutdown).await.expect("gateway run");
+                    }
+                    other => panic!("unknown child service {other}"),
                 }
-                other => panic!("unknown child service {other}"),
-            }
-            // Flushes spans before the process exits, as the binary does.
-            if let Some(guard) = guard {
-                guard.shutdown().await;
+            };
+            // Exporting, as the binary runs: the last spans are exported before the process exits.
+            if telemetry.otlp_endpoint.is_some() {
+                sluice::telemetry::traced(&telemetry, body).await.expect("telemetry");
+            } else {
+                sluice::telemetry::init_propagation();
+                body.await;
             }
         }
     }
 }
 
-/// Telemetry as the binaries install it when spans are exported; without an exporter, only
-/// propagation, so that a test's output stays quiet.
-fn traced(telemetry: &TelemetryConfig) -> Option<sluice::telemetry::TelemetryGuard> {
-    if telemetry.otlp_endpoint.is_some() {
-        Some(sluice::telemetry::init(telemetry).expect("telemetry"))
-    } else {
-        sluice::telemetry::init_propagation();
-        None
-    }
-}
-
 /// A service: exporting spans, exactly as its binary runs it (`service_main`); otherwise the
-/// same without telemetry.
+/// same with propagation only, so that a test's output stays quiet.
 async fn serve(
     telemetry: &TelemetryConfig,
     ops_addr: Option<std::net::SocketAddr>,
