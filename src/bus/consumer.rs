@@ -48,7 +48,7 @@ use super::{
     headers::{self, Envelope},
     relay, spans, topology,
 };
-use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Store}};
+use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Staged, Store}};
 
 /// What the bus does with a delivery once its handler has spoken.
 #[derive(Debug)]
@@ -273,15 +273,14 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                 Called::Failed(outcome) | Called::Panicked(outcome) => return Pass::Failed { at, outcome },
             }
         }
-        if let Err(error) = store::stage(&mut tx, &emitted).await {
-            return Pass::Unavailable(format!("staging emitted events: {error}"));
-        }
+        let staged = match store::stage(&mut tx, emitted).await {
+            Ok(staged) => staged,
+            Err(error) => return Pass::Unavailable(format!("staging emitted events: {error}")),
+        };
         if let Err(error) = tx.commit().await {
             return Pass::Unavailable(format!("committing: {error}"));
         }
-        if !emitted.is_empty() {
-            shared.store.wake_relay();
-        }
+        shared.store.committed(staged);
         Pass::Committed(results)
     }
 
@@ -303,7 +302,7 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                 return;
             }
         };
-        let mut emitted_any = false;
+        let mut staged = Vec::new();
         let mut ran = Vec::with_capacity(prepared.len());
         for (i, event, meta, span) in prepared {
             if intake.is_cancelled() {
@@ -312,9 +311,9 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
             }
             let step = self.run_in_savepoint(tx, event, meta).instrument(span.clone()).await;
             match step {
-                Step::Done { tx: back, outcome, emitted } => {
+                Step::Done { tx: back, outcome, mut emitted } => {
                     tx = back;
-                    emitted_any |= emitted;
+                    staged.append(&mut emitted);
                     mark_failure(&span, &outcome);
                     if matches!(outcome, Outcome::Ack) {
                         ran.push(i);
@@ -342,9 +341,7 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
             }
             return;
         }
-        if emitted_any {
-            shared.store.wake_relay();
-        }
+        shared.store.committed(staged);
     }
 
     /// One delivery of a batch: savepoint, inbox claim, handler, outbox; rolled back to the
@@ -354,10 +351,10 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
             return Step::Broken(Outcome::Retry(format!("opening a savepoint: {error}")));
         }
         match self.handle_in(tx, event, meta).await {
-            Handled::Duplicate(tx) => Step::Done { tx, outcome: Outcome::Ack, emitted: false },
-            Handled::Done { tx, emitted } => Step::Done { tx, outcome: Outcome::Ack, emitted: emitted > 0 },
+            Handled::Duplicate(tx) => Step::Done { tx, outcome: Outcome::Ack, emitted: Vec::new() },
+            Handled::Done { tx, staged } => Step::Done { tx, outcome: Outcome::Ack, emitted: staged },
             Handled::Failed { mut tx, outcome } => match sqlx::query("ROLLBACK TO SAVEPOINT sluice_delivery").execute(&mut *tx).await {
-                Ok(_) => Step::Done { tx, outcome, emitted: false },
+                Ok(_) => Step::Done { tx, outcome, emitted: Vec::new() },
                 Err(error) => {
                     tracing::warn!(%error, "rolling back to a savepoint");
                     Step::Broken(outcome)
@@ -381,14 +378,12 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
         };
         match self.handle_in(tx, event, meta).await {
             Handled::Duplicate(_) => Outcome::Ack,
-            Handled::Done { tx, emitted } => {
+            Handled::Done { tx, staged } => {
                 if let Err(error) = tx.commit().await {
                     return Outcome::Retry(format!("committing: {error}"));
                 }
-                if emitted > 0 {
-                    shared.store.wake_relay();
-                }
-                tracing::debug!(emitted, "handled");
+                tracing::debug!(emitted = staged.len(), "handled");
+                shared.store.committed(staged);
                 Outcome::Ack
             }
             // Dropping the transaction rolls it back.
@@ -409,8 +404,8 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
         }
         let (mut tx, emitted, called) = self.call(tx, event, meta).await;
         match called {
-            Called::Ok => match store::stage(&mut tx, &emitted).await {
-                Ok(()) => Handled::Done { tx, emitted: emitted.len() },
+            Called::Ok => match store::stage(&mut tx, emitted).await {
+                Ok(staged) => Handled::Done { tx, staged },
                 Err(error) => Handled::Failed { tx, outcome: Outcome::Retry(format!("staging emitted events: {error}")) },
             },
             Called::Failed(outcome) => Handled::Failed { tx, outcome },
@@ -446,8 +441,8 @@ enum Called {
 enum Handled {
     /// Already handled (the inbox has it): nothing was done.
     Duplicate(Transaction<'static, Any>),
-    /// Effects, inbox record and `emitted` outbox rows are in the transaction.
-    Done { tx: Transaction<'static, Any>, emitted: usize },
+    /// Effects, inbox record and the `staged` outbox rows are in the transaction.
+    Done { tx: Transaction<'static, Any>, staged: Vec<Staged> },
     /// The handler (or staging its events) failed: its work must be rolled back.
     Failed { tx: Transaction<'static, Any>, outcome: Outcome },
     /// The transaction cannot be trusted any more (a panic, a failed inbox write).
@@ -466,8 +461,9 @@ enum Pass {
 
 /// Where a delivery of the savepoint pass left its batch's transaction.
 enum Step {
-    /// The transaction goes on; this delivery's work is in it (`Ack`) or rolled back.
-    Done { tx: Transaction<'static, Any>, outcome: Outcome, emitted: bool },
+    /// The transaction goes on; this delivery's work, with the outbox rows it `emitted`, is in
+    /// it (`Ack`) or rolled back.
+    Done { tx: Transaction<'static, Any>, outcome: Outcome, emitted: Vec<Staged> },
     /// The transaction is unusable; the batch must roll back.
     Broken(Outcome),
 }

@@ -9,7 +9,12 @@
 //! Service migrations use SQL that both databases accept (TEXT, BIGINT, no AUTOINCREMENT);
 //! the bus's own tables have one file per backend.
 
-use std::{borrow::Cow, collections::HashSet, sync::Arc, time::{Duration, SystemTime, UNIX_EPOCH}};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use sqlx::{
     Any, AnyConnection, AnyPool, Row, Transaction,
@@ -50,12 +55,17 @@ impl Backend {
     }
 }
 
-/// A service's database pool, migrated, plus the outbox relay's wake-up signal.
+/// An outbox row: its `seq` and the event it holds.
+pub(crate) type Staged = (i64, Envelope);
+
+/// A service's database pool, migrated, plus what its transactions hand the outbox relay.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
     outbox_ready: Arc<Notify>,
+    /// Outbox rows committed in this process and not yet taken by the relay, oldest first.
+    committed: Arc<Mutex<Vec<Staged>>>,
     /// One permit per connection: consumers wait for a turn before they gather a batch.
     turns: Arc<Semaphore>,
 }
@@ -116,7 +126,13 @@ impl Store {
         }
         let migrator = Migrator { migrations: Cow::Owned(all), ..Migrator::DEFAULT };
         migrator.run(&pool).await?;
-        Ok(Self { pool, backend, outbox_ready: Arc::new(Notify::new()), turns: Arc::new(Semaphore::new(connections as usize)) })
+        Ok(Self {
+            pool,
+            backend,
+            outbox_ready: Arc::new(Notify::new()),
+            committed: Arc::default(),
+            turns: Arc::new(Semaphore::new(connections as usize)),
+        })
     }
 
     /// The pool, for queries outside handlers (responders, start-up seeding).
@@ -145,18 +161,28 @@ impl Store {
         self.turns.clone().acquire_owned().await.ok()
     }
 
-    /// Tells the relay there is something to publish.
-    pub(crate) fn wake_relay(&self) {
+    /// Hands the relay the outbox rows of a transaction that has just committed, so that it
+    /// publishes them without reading them back, and wakes it.
+    pub(crate) fn committed(&self, rows: Vec<Staged>) {
+        if rows.is_empty() {
+            return;
+        }
+        self.committed.lock().unwrap_or_else(PoisonError::into_inner).extend(rows);
         self.outbox_ready.notify_one();
     }
 
-    /// Completes when a transaction has staged outbox rows since the last call.
+    /// Every row handed over by [`Store::committed`] since the last call, oldest first.
+    pub(crate) fn take_committed(&self) -> Vec<Staged> {
+        std::mem::take(&mut *self.committed.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Completes when a transaction has handed over outbox rows since the last call.
     pub(crate) async fn outbox_ready(&self) {
         self.outbox_ready.notified().await;
     }
 
     /// Up to `limit` unsent outbox rows, oldest first.
-    pub(crate) async fn pending(&self, limit: i64) -> Result<Vec<(i64, Envelope)>, sqlx::Error> {
+    pub(crate) async fn pending(&self, limit: i64) -> Result<Vec<Staged>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT seq, event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body \
              FROM sluice_outbox ORDER BY seq LIMIT $1",
@@ -270,12 +296,15 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// Writes emitted events to the outbox, in the caller's transaction: one statement on SQLite,
-/// one per [`ROWS_PER_STATEMENT`] events on PostgreSQL.
-pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Result<(), sqlx::Error> {
-    let now = unix_millis();
+/// one per [`ROWS_PER_STATEMENT`] events on PostgreSQL. Returns each event with its row's `seq`,
+/// for [`Store::committed`] once the transaction has committed.
+pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: Vec<Envelope>) -> Result<Vec<Staged>, sqlx::Error> {
     if envelopes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    let now = unix_millis();
+    // `RETURNING` gives rows in no promised order: match them by `event_id` (unique).
+    let mut seqs = HashMap::with_capacity(envelopes.len());
     if Backend::of(tx) == Backend::Sqlite {
         let rows = json_array(envelopes.iter().map(|e| {
             serde_json::json!([
@@ -289,38 +318,49 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: &[Envelope]) -> Res
                 hex(&e.body),
             ])
         }));
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, unhex(value ->> 7), $2 \
-             FROM json_each($1)",
+             FROM json_each($1) RETURNING seq, event_id",
         )
         .bind(rows)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        return Ok(());
+        for row in inserted {
+            seqs.insert(row.try_get::<String, _>("event_id")?, row.try_get::<i64, _>("seq")?);
+        }
+    } else {
+        for chunk in envelopes.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
+                 VALUES {} RETURNING seq, event_id",
+                placeholders(chunk.len(), 9)
+            );
+            let insert = chunk.iter().fold(sqlx::query(&sql), |query, e| {
+                query
+                    .bind(&e.event_id)
+                    .bind(&e.routing_key)
+                    .bind(&e.type_name)
+                    .bind(e.correlation_id.clone())
+                    .bind(e.occurred_at.to_string())
+                    .bind(e.trace.traceparent.clone())
+                    .bind(e.trace.tracestate.clone())
+                    .bind(e.body.clone())
+                    .bind(now)
+            });
+            for row in insert.fetch_all(&mut *tx).await? {
+                seqs.insert(row.try_get::<String, _>("event_id")?, row.try_get::<i64, _>("seq")?);
+            }
+        }
     }
-    for chunk in envelopes.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
-             VALUES {}",
-            placeholders(chunk.len(), 9)
-        );
-        let insert = chunk.iter().fold(sqlx::query(&sql), |query, e| {
-            query
-                .bind(&e.event_id)
-                .bind(&e.routing_key)
-                .bind(&e.type_name)
-                .bind(e.correlation_id.clone())
-                .bind(e.occurred_at.to_string())
-                .bind(e.trace.traceparent.clone())
-                .bind(e.trace.tracestate.clone())
-                .bind(e.body.clone())
-                .bind(now)
-        });
-        insert.execute(&mut *tx).await?;
-    }
-    Ok(())
+    envelopes
+        .into_iter()
+        .map(|envelope| match seqs.get(&envelope.event_id) {
+            Some(seq) => Ok((*seq, envelope)),
+            None => Err(sqlx::Error::Protocol(format!("the outbox insert returned no seq for event {}", envelope.event_id))),
+        })
+        .collect()
 }
 
 /// A JSON array, bound as one parameter of the SQLite statements that take many rows

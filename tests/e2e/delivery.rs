@@ -13,7 +13,7 @@ use lapin::{
     options::QueueDeclareOptions,
     types::FieldTable,
 };
-use sluice::bus::{Consumer, Context, Handler, HandlerError, Publisher, headers};
+use sluice::bus::{Consumer, Context, Envelope, Handler, HandlerError, Publisher, headers};
 use sluice::config::BusConfig;
 use sluice::events::OrderCreated;
 use sluice::shutdown::Shutdown;
@@ -396,6 +396,44 @@ async fn a_duplicate_inside_one_batch_has_no_second_effect() {
     rig.wait_effect("marker").await;
 
     rig.assert_deduplicated(&handler, "dup-2").await;
+    running.stop().await;
+}
+
+crate::on_both_backends!(an_event_a_crash_left_in_the_outbox_is_published_at_start);
+
+/// A committed event the relay never published (the process died first) is only in the
+/// outbox table, not in the relay's memory: the scan at start publishes it, it is handled
+/// once, and its row is deleted once the broker has confirmed it.
+async fn an_event_a_crash_left_in_the_outbox_is_published_at_start(backend: Backend) {
+    let rig = Rig::new(backend, |_| {}).await;
+    rig.run(Flaky::default()).await.stop().await; // declares the queue
+    let event = OrderCreated { order_id: "order-left".into(), ..Default::default() };
+    let left = Envelope::of(&event, "left-behind");
+    sqlx::query(
+        "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&left.event_id)
+    .bind(&left.routing_key)
+    .bind(&left.type_name)
+    .bind(left.correlation_id.clone())
+    .bind(left.occurred_at.to_string())
+    .bind(left.trace.traceparent.clone())
+    .bind(left.trace.tracestate.clone())
+    .bind(left.body.clone())
+    .bind(0_i64)
+    .execute(rig.store.pool())
+    .await
+    .unwrap();
+
+    let running = rig.run(Flaky::default()).await;
+    rig.wait_effect("left-behind").await;
+    let mut last = None;
+    let outbox = || async {
+        sqlx::query("SELECT COUNT(*) AS n FROM sluice_outbox").fetch_one(rig.store.pool()).await.ok()?.try_get::<i64, _>("n").ok()
+    };
+    eventually(outbox, |n| *n == 0, &mut last).await.unwrap_or_else(|| panic!("the row stays in the outbox: {last:?}"));
+    assert_eq!(rig.effects("left-behind").await, 1);
     running.stop().await;
 }
 
