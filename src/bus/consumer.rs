@@ -37,7 +37,6 @@ use lapin::{
     options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
-use sqlx::{Any, Transaction};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -48,7 +47,7 @@ use super::{
     headers::{self, Envelope},
     relay, spans, topology,
 };
-use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Staged, Store}};
+use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Staged, Store, Tx}};
 
 /// What the bus does with a delivery once its handler has spoken.
 #[derive(Debug)]
@@ -236,14 +235,10 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
     /// statement for every inbox claim, the handlers, one statement for every outbox row, commit.
     /// Stops at the first failed (or panicking) handler and rolls everything back.
     async fn run_optimistic(&self, prepared: &[(usize, E, Metadata, tracing::Span)], shared: &Shared, intake: &CancellationToken) -> Pass {
-        let mut tx = match shared.store.begin().await {
-            Ok(tx) => tx,
-            Err(error) => return Pass::Unavailable(format!("opening a transaction: {error}")),
-        };
         let ids: Vec<&str> = prepared.iter().map(|(_, _, meta, _)| meta.event_id.as_str()).collect();
-        let mut claimed = match store::claim_all(&mut tx, &ids, &self.name).await {
-            Ok(claimed) => claimed,
-            Err(error) => return Pass::Unavailable(format!("recording the inbox entries: {error}")),
+        let (mut tx, mut claimed) = match shared.store.begin_claiming(&ids, &self.name).await {
+            Ok(begun) => begun,
+            Err(error) => return Pass::Unavailable(format!("opening a transaction and recording the inbox entries: {error}")),
         };
         let mut results = Vec::with_capacity(prepared.len());
         let mut emitted = Vec::new();
@@ -273,13 +268,10 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                 Called::Failed(outcome) | Called::Panicked(outcome) => return Pass::Failed { at, outcome },
             }
         }
-        let staged = match store::stage(&mut tx, emitted).await {
+        let staged = match store::stage_and_commit(tx, emitted).await {
             Ok(staged) => staged,
-            Err(error) => return Pass::Unavailable(format!("staging emitted events: {error}")),
+            Err(error) => return Pass::Unavailable(format!("staging emitted events and committing: {error}")),
         };
-        if let Err(error) = tx.commit().await {
-            return Pass::Unavailable(format!("committing: {error}"));
-        }
         shared.store.committed(staged);
         Pass::Committed(results)
     }
@@ -346,7 +338,7 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
 
     /// One delivery of a batch: savepoint, inbox claim, handler, outbox; rolled back to the
     /// savepoint if anything fails.
-    async fn run_in_savepoint(&self, mut tx: Transaction<'static, Any>, event: E, meta: Metadata) -> Step {
+    async fn run_in_savepoint(&self, mut tx: Tx, event: E, meta: Metadata) -> Step {
         if let Err(error) = sqlx::query("SAVEPOINT sluice_delivery").execute(&mut *tx).await {
             return Step::Broken(Outcome::Retry(format!("opening a savepoint: {error}")));
         }
@@ -371,29 +363,35 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
         outcome
     }
 
+    /// One delivery, one transaction: begun with the inbox claim and committed with the outbox
+    /// rows (on SQLite, one query each).
     async fn run_handler(&self, event: E, meta: Metadata, shared: &Shared) -> Outcome {
-        let tx = match shared.store.begin().await {
-            Ok(tx) => tx,
-            Err(error) => return Outcome::Retry(format!("opening a transaction: {error}")),
+        let (tx, claimed) = match shared.store.begin_claiming(&[meta.event_id.as_str()], &self.name).await {
+            Ok(begun) => begun,
+            Err(error) => return Outcome::Retry(format!("opening a transaction and recording the inbox entry: {error}")),
         };
-        match self.handle_in(tx, event, meta).await {
-            Handled::Duplicate(_) => Outcome::Ack,
-            Handled::Done { tx, staged } => {
-                if let Err(error) = tx.commit().await {
-                    return Outcome::Retry(format!("committing: {error}"));
+        if claimed.is_empty() {
+            tracing::info!("duplicate delivery acknowledged without effect");
+            return Outcome::Ack;
+        }
+        // Dropping the transaction rolls it back.
+        let (tx, emitted, called) = self.call(tx, event, meta).await;
+        match called {
+            Called::Ok => match store::stage_and_commit(tx, emitted).await {
+                Ok(staged) => {
+                    tracing::debug!(emitted = staged.len(), "handled");
+                    shared.store.committed(staged);
+                    Outcome::Ack
                 }
-                tracing::debug!(emitted = staged.len(), "handled");
-                shared.store.committed(staged);
-                Outcome::Ack
-            }
-            // Dropping the transaction rolls it back.
-            Handled::Failed { outcome, .. } | Handled::Broken(outcome) => outcome,
+                Err(error) => Outcome::Retry(format!("staging emitted events and committing: {error}")),
+            },
+            Called::Failed(outcome) | Called::Panicked(outcome) => outcome,
         }
     }
 
-    /// The work of one delivery inside `tx`, shared by both paths: inbox claim, handler (a
+    /// The work of one delivery of the savepoint pass inside `tx`: inbox claim, handler (a
     /// panic caught), outbox rows. Commits nothing.
-    async fn handle_in(&self, mut tx: Transaction<'static, Any>, event: E, meta: Metadata) -> Handled {
+    async fn handle_in(&self, mut tx: Tx, event: E, meta: Metadata) -> Handled {
         match store::claim(&mut tx, &meta.event_id, &self.name).await {
             Ok(true) => {}
             Ok(false) => {
@@ -415,7 +413,7 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
 
     /// Calls the handler inside `tx`, in its handler span (a child of the current span), with a
     /// panic caught. Returns the transaction, the events the handler emitted and what it said.
-    async fn call(&self, tx: Transaction<'static, Any>, event: E, meta: Metadata) -> (Transaction<'static, Any>, Vec<Envelope>, Called) {
+    async fn call(&self, tx: Tx, event: E, meta: Metadata) -> (Tx, Vec<Envelope>, Called) {
         let mut ctx = Context::new(tx, meta);
         let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
         let (tx, emitted) = ctx.into_parts();
@@ -440,11 +438,11 @@ enum Called {
 /// What became of one delivery inside a transaction (see `TypedRoute::handle_in`).
 enum Handled {
     /// Already handled (the inbox has it): nothing was done.
-    Duplicate(Transaction<'static, Any>),
+    Duplicate(Tx),
     /// Effects, inbox record and the `staged` outbox rows are in the transaction.
-    Done { tx: Transaction<'static, Any>, staged: Vec<Staged> },
+    Done { tx: Tx, staged: Vec<Staged> },
     /// The handler (or staging its events) failed: its work must be rolled back.
-    Failed { tx: Transaction<'static, Any>, outcome: Outcome },
+    Failed { tx: Tx, outcome: Outcome },
     /// The transaction cannot be trusted any more (a panic, a failed inbox write).
     Broken(Outcome),
 }
@@ -463,7 +461,7 @@ enum Pass {
 enum Step {
     /// The transaction goes on; this delivery's work, with the outbox rows it `emitted`, is in
     /// it (`Ack`) or rolled back.
-    Done { tx: Transaction<'static, Any>, outcome: Outcome, emitted: Vec<Staged> },
+    Done { tx: Tx, outcome: Outcome, emitted: Vec<Staged> },
     /// The transaction is unusable; the batch must roll back.
     Broken(Outcome),
 }

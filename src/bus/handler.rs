@@ -4,7 +4,9 @@
 
 use std::{future::Future, time::Duration};
 
-use sqlx::{Any, AnyConnection, Transaction};
+use sqlx::AnyConnection;
+
+use crate::store::Tx;
 
 use super::{Rpc, headers::Envelope, topology::kebab_case};
 use crate::events::Event;
@@ -83,21 +85,21 @@ impl Metadata {
 /// Everything done through [`Context::db`] and [`Context::emit`] commits atomically with the
 /// inbox record that marks the delivery as handled, or not at all. Use only `db()` for
 /// database work inside a handler: a second connection would escape the transaction (and,
-/// on SQLite, wait forever for the one the delivery holds).
+/// on SQLite, its writes would wait for the delivery's transaction, then fail).
 pub struct Context {
-    tx: Transaction<'static, Any>,
+    tx: Tx,
     emitted: Vec<Envelope>,
     meta: Metadata,
 }
 
 impl Context {
-    pub(crate) fn new(tx: Transaction<'static, Any>, meta: Metadata) -> Self {
+    pub(crate) fn new(tx: Tx, meta: Metadata) -> Self {
         Self { tx, emitted: Vec::new(), meta }
     }
 
     /// A context over a fresh transaction of `store`, for unit tests of handlers.
     pub async fn for_test(store: &crate::store::Store, event_id: &str) -> Result<Self, sqlx::Error> {
-        Ok(Self::new(store.pool().begin().await?, Metadata::for_test(event_id)))
+        Ok(Self::new(Tx::Pooled(store.pool().begin().await?), Metadata::for_test(event_id)))
     }
 
     /// The database, inside this delivery's transaction.
@@ -131,7 +133,7 @@ impl Context {
         &self.emitted
     }
 
-    pub(crate) fn into_parts(self) -> (Transaction<'static, Any>, Vec<Envelope>) {
+    pub(crate) fn into_parts(self) -> (Tx, Vec<Envelope>) {
         (self.tx, self.emitted)
     }
 }

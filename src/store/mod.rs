@@ -8,6 +8,10 @@
 //!
 //! Service migrations use SQL that both databases accept (TEXT, BIGINT, no AUTOINCREMENT);
 //! the bus's own tables have one file per backend.
+//!
+//! On SQLite the bus's transactions run on a connection of their own (see `tx.rs`), and the
+//! pool's connection serves everything else (queries, seeding, the relay's reads), so a query
+//! reads beside a running transaction (WAL) instead of waiting for it.
 
 use std::{
     borrow::Cow,
@@ -17,13 +21,19 @@ use std::{
 };
 
 use sqlx::{
-    Any, AnyConnection, AnyPool, Row, Transaction,
-    any::AnyPoolOptions,
+    AnyConnection, AnyPool, Connection as _, Row,
+    any::{AnyArguments, AnyPoolOptions, AnyRow},
     migrate::{Migration as SqlxMigration, MigrationType, Migrator},
+    query::Query,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::bus::{Envelope, Error, TraceContext};
+
+mod tx;
+
+pub(crate) use tx::Tx;
+use tx::{SharedWriter, Writer};
 
 /// One schema migration of a service. Versions must be 100 or more (below is the bus's).
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +78,8 @@ pub struct Store {
     committed: Arc<Mutex<Vec<Staged>>>,
     /// One permit per connection: consumers wait for a turn before they gather a batch.
     turns: Arc<Semaphore>,
+    /// SQLite: the connection bus transactions run on (see [`Tx`]); the pool serves the rest.
+    writer: Option<SharedWriter>,
 }
 
 impl Store {
@@ -83,22 +95,16 @@ impl Store {
         let pool = match backend {
             Backend::Sqlite => {
                 create_parent_dir(url);
-                // One connection: SQLite has a single writer, and a handler holds its
-                // transaction for the whole delivery; more connections would only queue up
-                // on the database lock (or fail with SQLITE_BUSY on lock upgrades).
+                // Bus transactions run on a connection of their own (the writer, below); the
+                // pool's one connection serves queries, start-up seeding and the relay's reads.
+                // SQLite has a single writer: more connections would only queue up on the
+                // database lock.
                 AnyPoolOptions::new()
                     .max_connections(connections)
                     // A file cannot drop a connection: no ping before each transaction.
                     .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(30))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000", "PRAGMA foreign_keys=ON", "PRAGMA temp_store=MEMORY"] {
-                                sqlx::query(pragma).execute(&mut *conn).await?;
-                            }
-                            Ok(())
-                        })
-                    })
+                    .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
                     .connect(url)
                     .await?
             }
@@ -126,7 +132,16 @@ impl Store {
         }
         let migrator = Migrator { migrations: Cow::Owned(all), ..Migrator::DEFAULT };
         migrator.run(&pool).await?;
+        let writer = match backend {
+            Backend::Sqlite => {
+                let mut conn = AnyConnection::connect(url).await?;
+                sqlite_pragmas(&mut conn).await?;
+                Some(Writer::shared(conn))
+            }
+            Backend::Postgres => None,
+        };
         Ok(Self {
+            writer,
             pool,
             backend,
             outbox_ready: Arc::new(Notify::new()),
@@ -150,8 +165,27 @@ impl Store {
         self.pool.close().await;
     }
 
-    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
-        self.pool.begin().await
+    /// Begins a bus transaction.
+    pub(crate) async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        match &self.writer {
+            Some(writer) => Tx::begin_held(writer).await,
+            None => Ok(Tx::Pooled(self.pool.begin().await?)),
+        }
+    }
+
+    /// Begins a bus transaction and claims `event_ids` for `handler` in it, as [`claim_all`]
+    /// does; on SQLite in one query.
+    pub(crate) async fn begin_claiming(&self, event_ids: &[&str], handler: &str) -> Result<(Tx, HashSet<String>), sqlx::Error> {
+        let Some(writer) = &self.writer else {
+            let mut tx = Tx::Pooled(self.pool.begin().await?);
+            let claimed = claim_all(&mut tx, event_ids, handler).await?;
+            return Ok((tx, claimed));
+        };
+        let mut writer = tx::lock(writer).await;
+        writer.open = true;
+        let mut held = tx::Held::new(writer);
+        let rows = sqlite_claim(concat!("BEGIN IMMEDIATE; ", sqlite_claim_sql!()), event_ids, handler).fetch_all(&mut held.conn).await?;
+        Ok((Tx::Held(held), claimed_ids(rows)?))
     }
 
     /// Waits for a connection's turn (first come, first served). A consumer takes its turn
@@ -217,7 +251,11 @@ impl Store {
         if self.backend == Backend::Sqlite {
             let delete = sqlx::query("DELETE FROM sluice_outbox WHERE seq IN (SELECT value FROM json_each($1))")
                 .bind(json_array(seqs.iter().copied()));
-            return delete.execute(&self.pool).await.map(|_| ());
+            // On the writer: the pool's connection would wait for the file's write lock.
+            return match &self.writer {
+                Some(writer) => delete.execute(&mut tx::lock(writer).await.conn).await.map(|_| ()),
+                None => delete.execute(&self.pool).await.map(|_| ()),
+            };
         }
         let sql = format!("DELETE FROM sluice_outbox WHERE seq IN {}", placeholders_from(1, seqs.len()));
         let delete = seqs.iter().fold(sqlx::query(&sql), |query, seq| query.bind(*seq));
@@ -242,23 +280,11 @@ pub(crate) async fn claim(tx: &mut AnyConnection, event_id: &str, handler: &str)
 /// recorded: an id missing from the result was handled before (a duplicate), and an id
 /// given twice is recorded once.
 pub(crate) async fn claim_all(tx: &mut AnyConnection, event_ids: &[&str], handler: &str) -> Result<HashSet<String>, sqlx::Error> {
+    if Backend::of(tx) == Backend::Sqlite {
+        return claimed_ids(sqlite_claim(sqlite_claim_sql!(), event_ids, handler).fetch_all(&mut *tx).await?);
+    }
     let mut claimed = HashSet::with_capacity(event_ids.len());
     let now = unix_millis();
-    if Backend::of(tx) == Backend::Sqlite {
-        let rows = sqlx::query(
-            "INSERT INTO sluice_inbox (event_id, handler, received_at) SELECT value, $2, $3 FROM json_each($1) WHERE true \
-             ON CONFLICT DO NOTHING RETURNING event_id",
-        )
-        .bind(json_array(event_ids.iter().copied()))
-        .bind(handler)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in rows {
-            claimed.insert(row.try_get::<String, _>("event_id")?);
-        }
-        return Ok(claimed);
-    }
     for chunk in event_ids.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO sluice_inbox (event_id, handler, received_at) VALUES {} ON CONFLICT DO NOTHING RETURNING event_id",
@@ -270,6 +296,25 @@ pub(crate) async fn claim_all(tx: &mut AnyConnection, event_ids: &[&str], handle
         }
     }
     Ok(claimed)
+}
+
+/// SQLite's statement of [`claim_all`], a macro for `concat!`.
+macro_rules! sqlite_claim_sql {
+    () => {
+        "INSERT INTO sluice_inbox (event_id, handler, received_at) SELECT value, $2, $3 FROM json_each($1) WHERE true \
+         ON CONFLICT DO NOTHING RETURNING event_id"
+    };
+}
+use sqlite_claim_sql;
+
+/// `sql` (ending with SQLite's claim) with its parameters bound.
+fn sqlite_claim<'q>(sql: &'q str, event_ids: &[&str], handler: &'q str) -> Query<'q, sqlx::Any, AnyArguments<'q>> {
+    sqlx::query(sql).bind(json_array(event_ids.iter().copied())).bind(handler).bind(unix_millis())
+}
+
+/// The ids a claim returned.
+fn claimed_ids(rows: Vec<AnyRow>) -> Result<HashSet<String>, sqlx::Error> {
+    rows.iter().map(|row| row.try_get::<String, _>("event_id")).collect()
 }
 
 /// Removes inbox records of `handler` written in the caller's transaction (for deliveries
@@ -302,57 +347,84 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: Vec<Envelope>) -> R
     if envelopes.is_empty() {
         return Ok(Vec::new());
     }
-    let now = unix_millis();
-    // `RETURNING` gives rows in no promised order: match them by `event_id` (unique).
-    let mut seqs = HashMap::with_capacity(envelopes.len());
     if Backend::of(tx) == Backend::Sqlite {
-        let rows = json_array(envelopes.iter().map(|e| {
-            serde_json::json!([
-                e.event_id,
-                e.routing_key,
-                e.type_name,
-                e.correlation_id,
-                e.occurred_at.to_string(),
-                e.trace.traceparent,
-                e.trace.tracestate,
-                hex(&e.body),
-            ])
-        }));
-        let inserted = sqlx::query(
+        let rows = sqlite_stage(sqlite_stage_sql!(), &envelopes).fetch_all(&mut *tx).await?;
+        return with_seqs(envelopes, rows);
+    }
+    let now = unix_millis();
+    let mut rows = Vec::with_capacity(envelopes.len());
+    for chunk in envelopes.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
             "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, unhex(value ->> 7), $2 \
-             FROM json_each($1) RETURNING seq, event_id",
-        )
-        .bind(rows)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in inserted {
-            seqs.insert(row.try_get::<String, _>("event_id")?, row.try_get::<i64, _>("seq")?);
+             VALUES {} RETURNING seq, event_id",
+            placeholders(chunk.len(), 9)
+        );
+        let insert = chunk.iter().fold(sqlx::query(&sql), |query, e| {
+            query
+                .bind(&e.event_id)
+                .bind(&e.routing_key)
+                .bind(&e.type_name)
+                .bind(e.correlation_id.clone())
+                .bind(e.occurred_at.to_string())
+                .bind(e.trace.traceparent.clone())
+                .bind(e.trace.tracestate.clone())
+                .bind(e.body.clone())
+                .bind(now)
+        });
+        rows.extend(insert.fetch_all(&mut *tx).await?);
+    }
+    with_seqs(envelopes, rows)
+}
+
+/// Writes emitted events to the outbox and commits (see [`stage`]); on SQLite in one query.
+pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>) -> Result<Vec<Staged>, sqlx::Error> {
+    match tx {
+        Tx::Held(mut writer) if !envelopes.is_empty() => {
+            let rows = sqlite_stage(concat!(sqlite_stage_sql!(), "; COMMIT"), &envelopes).fetch_all(&mut writer.conn).await?;
+            writer.open = false;
+            with_seqs(envelopes, rows)
         }
-    } else {
-        for chunk in envelopes.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
-                 VALUES {} RETURNING seq, event_id",
-                placeholders(chunk.len(), 9)
-            );
-            let insert = chunk.iter().fold(sqlx::query(&sql), |query, e| {
-                query
-                    .bind(&e.event_id)
-                    .bind(&e.routing_key)
-                    .bind(&e.type_name)
-                    .bind(e.correlation_id.clone())
-                    .bind(e.occurred_at.to_string())
-                    .bind(e.trace.traceparent.clone())
-                    .bind(e.trace.tracestate.clone())
-                    .bind(e.body.clone())
-                    .bind(now)
-            });
-            for row in insert.fetch_all(&mut *tx).await? {
-                seqs.insert(row.try_get::<String, _>("event_id")?, row.try_get::<i64, _>("seq")?);
-            }
+        mut tx => {
+            let staged = stage(&mut tx, envelopes).await?;
+            tx.commit().await?;
+            Ok(staged)
         }
+    }
+}
+
+/// SQLite's statement of [`stage`], a macro for `concat!`.
+macro_rules! sqlite_stage_sql {
+    () => {
+        "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, unhex(value ->> 7), $2 \
+         FROM json_each($1) RETURNING seq, event_id"
+    };
+}
+use sqlite_stage_sql;
+
+/// `sql` (beginning with SQLite's outbox insert) with `envelopes` bound.
+fn sqlite_stage<'q>(sql: &'q str, envelopes: &[Envelope]) -> Query<'q, sqlx::Any, AnyArguments<'q>> {
+    let rows = json_array(envelopes.iter().map(|e| {
+        serde_json::json!([
+            e.event_id,
+            e.routing_key,
+            e.type_name,
+            e.correlation_id,
+            e.occurred_at.to_string(),
+            e.trace.traceparent,
+            e.trace.tracestate,
+            hex(&e.body),
+        ])
+    }));
+    sqlx::query(sql).bind(rows).bind(unix_millis())
+}
+
+/// Pairs each envelope with the `seq` of its row, from the insert's `RETURNING seq, event_id`
+/// (which promises no order: matched by `event_id`, unique in the outbox).
+fn with_seqs(envelopes: Vec<Envelope>, rows: Vec<AnyRow>) -> Result<Vec<Staged>, sqlx::Error> {
+    let mut seqs = HashMap::with_capacity(rows.len());
+    for row in rows {
+        seqs.insert(row.try_get::<String, _>("event_id")?, row.try_get::<i64, _>("seq")?);
     }
     envelopes
         .into_iter()
@@ -397,6 +469,14 @@ pub fn placeholders(rows: usize, columns: usize) -> String {
 fn placeholders_from(first: usize, count: usize) -> String {
     let cells: Vec<String> = (first..first + count).map(|n| format!("${n}")).collect();
     format!("({})", cells.join(", "))
+}
+
+/// The settings of every SQLite connection.
+async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000", "PRAGMA foreign_keys=ON", "PRAGMA temp_store=MEMORY"] {
+        sqlx::query(pragma).execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch.

@@ -399,6 +399,20 @@ async fn a_duplicate_inside_one_batch_has_no_second_effect() {
     running.stop().await;
 }
 
+/// SQLite: a query reads on the pool's connection while a delivery's transaction runs on the
+/// bus's own connection, instead of waiting for the transaction to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_does_not_wait_for_a_running_transaction() {
+    let rig = Rig::new(Backend::Sqlite, |_| {}).await;
+    // The handler waits at the gate inside its transaction.
+    let (_handler, gate, running) = rig.queue_then_run_gated(&["held".to_string()]).await;
+    let read = tokio::time::timeout(Duration::from_secs(5), rig.effects("held")).await;
+    assert_eq!(read.expect("the query waited for the transaction"), 0);
+    gate.add_permits(1);
+    rig.wait_effect("held").await;
+    running.stop().await;
+}
+
 crate::on_both_backends!(an_event_a_crash_left_in_the_outbox_is_published_at_start);
 
 /// A committed event the relay never published (the process died first) is only in the
