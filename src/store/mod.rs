@@ -181,9 +181,7 @@ impl Store {
             let claimed = claim_all(&mut tx, event_ids, handler).await?;
             return Ok((tx, claimed));
         };
-        let mut writer = tx::lock(writer).await;
-        writer.open = true;
-        let mut held = tx::Held::new(writer);
+        let mut held = tx::Held::lock(writer).await;
         let rows = sqlite_claim(concat!("BEGIN IMMEDIATE; ", sqlite_claim_sql!()), event_ids, handler).fetch_all(&mut held.conn).await?;
         Ok((Tx::Held(held), claimed_ids(rows)?))
     }

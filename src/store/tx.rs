@@ -63,7 +63,11 @@ pub(crate) enum Tx {
 pub(crate) struct Held(OwnedMutexGuard<Writer>);
 
 impl Held {
-    pub(super) fn new(writer: OwnedMutexGuard<Writer>) -> Self {
+    /// Locks the writer for a transaction about to begin. It counts as open from here, so that
+    /// a failure after `BEGIN` was sent is rolled back.
+    pub(super) async fn lock(writer: &SharedWriter) -> Self {
+        let mut writer = lock(writer).await;
+        writer.open = true;
         Self(writer)
     }
 }
@@ -102,9 +106,7 @@ impl Tx {
     /// statement of the transaction has to wait for it (another connection of the file, such
     /// as the pool's, may write).
     pub(super) async fn begin_held(writer: &SharedWriter) -> Result<Self, sqlx::Error> {
-        let mut writer = lock(writer).await;
-        writer.open = true;
-        let mut held = Held::new(writer);
+        let mut held = Held::lock(writer).await;
         sqlx::query("BEGIN IMMEDIATE").execute(&mut held.conn).await?;
         Ok(Self::Held(held))
     }
