@@ -90,6 +90,8 @@ pub struct Metrics {
     pub connection_up: Family<Link, Gauge>,
     /// gRPC requests answered.
     pub requests: Family<Rpc, Counter>,
+    /// Bytes of PublishStream events the gateway is publishing.
+    pub stream_buffered_bytes: Gauge,
     registry: Registry,
 }
 
@@ -110,6 +112,7 @@ impl Metrics {
             in_flight: Family::default(),
             connection_up: Family::default(),
             requests: Family::default(),
+            stream_buffered_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("published", "Publishes attempted", metrics.published.clone());
@@ -125,6 +128,11 @@ impl Metrics {
         registry.register("in_flight", "Deliveries being handled", metrics.in_flight.clone());
         registry.register("connection_up", "Broker connection state", metrics.connection_up.clone());
         registry.register("grpc_requests", "gRPC requests by method and code", metrics.requests.clone());
+        registry.register(
+            "stream_buffered_bytes",
+            "Bytes of PublishStream events being published",
+            metrics.stream_buffered_bytes.clone(),
+        );
         Self { registry, ..metrics }
     }
 }

@@ -10,15 +10,17 @@ use std::{
 };
 
 use futures_util::{Stream, StreamExt};
+use prost::Message as _;
 use tracing::Instrument;
 use sluice::bus::{Envelope, Publisher, Tap, TraceContext, headers};
 use sluice::config::BusConfig;
 use sluice::events::{PayloadError, check_payload};
+use sluice::metrics::metrics;
 use sluice::pb::{
     EventEnvelope, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse, SubscribeRequest,
     event_gateway_server::EventGateway,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
@@ -27,7 +29,8 @@ use uuid::Uuid;
 
 use crate::{auth, error::GatewayError, validation::MAX_ID_LEN};
 
-/// Publishes in flight per PublishStream before the gateway stops reading from it.
+/// Publishes in flight per PublishStream before the gateway stops reading from it. The bytes
+/// in flight have a bound of their own, shared by every stream (`SLUICE_STREAM_BUFFER_BYTES`).
 pub const STREAM_WINDOW: usize = 256;
 /// Events buffered for a subscriber; one that falls further behind is told so and dropped.
 pub const SUBSCRIBER_BUFFER: usize = 256;
@@ -47,12 +50,50 @@ pub struct Events {
     /// graceful shutdown waits for every open stream.
     shutdown: CancellationToken,
     auth: auth::Auth,
+    /// Bytes of PublishStream events being published, across streams.
+    stream_buffer: ByteBudget,
+}
+
+/// A budget of bytes shared by every PublishStream.
+#[derive(Clone)]
+struct ByteBudget {
+    room: Arc<Semaphore>,
+    capacity: u32,
+}
+
+impl ByteBudget {
+    fn new(capacity: u32) -> Self {
+        let capacity = capacity.max(1);
+        Self { room: Arc::new(Semaphore::new(capacity as usize)), capacity }
+    }
+
+    /// Waits for room for `bytes` (at most the whole budget, so that any event fits).
+    async fn reserve(&self, bytes: usize) -> Option<Buffered> {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.capacity);
+        let permit = self.room.clone().acquire_many_owned(bytes).await.ok()?;
+        metrics().stream_buffered_bytes.inc_by(i64::from(bytes));
+        Some(Buffered { _permit: permit, bytes })
+    }
+}
+
+/// Room for one PublishStream event in the byte budget, counted in
+/// `sluice_stream_buffered_bytes` until dropped (once the event is published).
+struct Buffered {
+    _permit: OwnedSemaphorePermit,
+    bytes: u32,
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        metrics().stream_buffered_bytes.dec_by(i64::from(self.bytes));
+    }
 }
 
 impl Events {
     /// Publishes through `publisher`; subscriptions open taps on `bus` and end with `shutdown`.
-    pub fn new(publisher: Publisher, bus: BusConfig, shutdown: CancellationToken) -> Self {
-        Self { publisher, bus, shutdown, auth: None }
+    /// PublishStream holds at most `stream_buffer_bytes` of events not yet published.
+    pub fn new(publisher: Publisher, bus: BusConfig, shutdown: CancellationToken, stream_buffer_bytes: u32) -> Self {
+        Self { publisher, bus, shutdown, auth: None, stream_buffer: ByteBudget::new(stream_buffer_bytes) }
     }
 
     /// Requires bearer tokens with the right grants (see `auth`).
@@ -153,8 +194,10 @@ impl EventGateway for Events {
         let events = self.clone();
         tokio::spawn(async move {
             while let Some(Ok(item)) = inbound.next().await {
-                // Backpressure: with the window full, stop reading until an ack frees a slot.
+                // Backpressure: with the window full, or the streams' bytes, stop reading until
+                // an ack frees a slot, or a publish its bytes.
                 let Ok(permit) = window.clone().acquire_owned().await else { break };
+                let Some(buffered) = events.stream_buffer.reserve(item.encoded_len()).await else { break };
                 let (events, tx, metadata) = (events.clone(), tx.clone(), metadata.clone());
                 let parent = parent.clone();
                 tokio::spawn(async move {
@@ -178,6 +221,8 @@ impl EventGateway for Events {
                             }
                         },
                     };
+                    // The event's bytes are gone; its ack is not sent yet.
+                    drop(buffered);
                     let _ = tx.send(Ok(response)).await;
                     drop(permit);
                 });

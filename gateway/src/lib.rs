@@ -103,7 +103,7 @@ impl Gateway {
         let (health, health_service) = tonic_health::server::health_reporter();
         let orders = Orders::new(self.publisher.clone(), self.rpc.clone(), self.config.query_timeout, shutdown.token())
             .with_auth(self.auth.clone());
-        let events = Events::new(self.publisher.clone(), self.config.bus.clone(), shutdown.token()).with_auth(self.auth.clone());
+        let events = Events::new(self.publisher.clone(), self.config.bus.clone(), shutdown.token(), self.config.stream_buffer_bytes).with_auth(self.auth.clone());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -1,5 +1,5 @@
 //! The generic event API: Publish of every registered event type as `Any`, the bad inputs it
-//! refuses, PublishStream at volume, Subscribe (live events with their trace ids, bounded for
+//! refuses, PublishStream at volume and within its byte budget, Subscribe (live events with their trace ids, bounded for
 //! slow clients, no queue left behind) and WatchOrder.
 
 use std::{collections::HashSet, time::Duration};
@@ -24,7 +24,11 @@ use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 
-use crate::support::{Backend, TestApp, an_order, broker, eventually, proxy::Proxy};
+use crate::{
+    child,
+    metrics::{scrape, value},
+    support::{Backend, TestApp, an_order, broker, eventually, free_port, proxy::Proxy},
+};
 
 /// A gateway alone on a fresh vhost (no services: published events only go to the test's queues).
 struct Bare {
@@ -307,6 +311,79 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_told_it_lagged() {
     assert!(received < 3_000, "a slow subscriber does not get an unbounded backlog ({received})");
     println!("slow subscriber: dropped after {received} of 3000 events, told {:?}", status.message());
     app.stop().await;
+}
+
+/// PublishStream holds at most `SLUICE_STREAM_BUFFER_BYTES` of events being published,
+/// however many its count window would allow: with the broker out of reach (a
+/// frozen proxy), a stream of large events stops being read once that budget is full; once the
+/// broker is back, every event is published and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_large_events_is_read_no_further_than_the_byte_budget() {
+    const BUDGET: usize = 4 * 1024 * 1024;
+    const EVENT: usize = 512 * 1024;
+    // 16 MiB in all: four budgets' worth, and far fewer events than the count window (256).
+    const EVENTS: u64 = 32;
+    let _broker = broker::shared().await;
+    let vhost = broker::Vhost::create();
+    let proxy = Proxy::start(broker::amqp_addr()).await;
+    let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // A process of its own, so that its `/metrics` counts this stream alone.
+    let env = [
+        ("SLUICE_AMQP_URL", proxy.url(&vhost.name)),
+        ("SLUICE_GRPC_ADDR", grpc.to_string()),
+        ("SLUICE_OPS_ADDR", ops.to_string()),
+        ("SLUICE_STREAM_BUFFER_BYTES", BUDGET.to_string()),
+        // No publish may time out while the test holds the broker out of reach.
+        ("SLUICE_CONFIRM_TIMEOUT_MS", "120000".to_owned()),
+    ]
+    .map(|(name, value)| (name.to_owned(), value));
+    let mut gateway = child::spawn("gateway", &env, None);
+    eventually(|| async { Some(sluice::ops::probe(ops).await) }, |ready| *ready, &mut None).await.expect("the gateway became ready");
+    // The gateway declared the exchange when it connected: bind the events' queue.
+    let connection = Connection::connect(&vhost.url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = "large-events";
+    channel.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    channel.queue_bind(queue.into(), EXCHANGE.into(), PaymentCaptured::ROUTING_KEY.into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    let client = EventGatewayClient::connect(format!("http://{grpc}")).await.unwrap();
+
+    proxy.freeze();
+    let padding = "x".repeat(EVENT);
+    let requests = tokio_stream::iter((0..EVENTS).map(move |sequence| PublishStreamRequest {
+        sequence,
+        publish: Some(publish(any(&PaymentCaptured { order_id: format!("o-{sequence}"), customer_id: padding.clone(), ..Default::default() }))),
+    }));
+    let mut acks = client.clone().publish_stream(requests).await.unwrap().into_inner();
+    let buffered = || async { Some(value(&scrape(ops).await, "sluice_stream_buffered_bytes")) };
+    let mut last = None;
+    let full = eventually(buffered, |bytes| *bytes > (BUDGET - EVENT) as f64, &mut last)
+        .await
+        .unwrap_or_else(|| panic!("the gateway never filled its budget: {last:?} bytes buffered"));
+    // Full, and it stays so: without the budget the gateway would read all 16 MiB within
+    // milliseconds, its count window being 256 events.
+    let mut most = full;
+    let mut samples = tokio::time::interval(Duration::from_millis(100));
+    for _ in 0..10 {
+        samples.tick().await;
+        most = most.max(buffered().await.unwrap_or_default());
+    }
+    assert!(most <= BUDGET as f64, "{most} bytes buffered, over the budget of {BUDGET}");
+    println!("byte budget: {full} bytes buffered when full, at most {most} over the next second (budget {BUDGET})");
+
+    proxy.thaw();
+    let mut acked = 0;
+    while let Some(ack) = tokio::time::timeout(Duration::from_secs(60), acks.next()).await.expect("every ack, once the broker is back") {
+        let ack = ack.unwrap();
+        assert_eq!(ack.error_code, 0, "event {} published: {}", ack.sequence, ack.error_message);
+        acked += 1;
+    }
+    assert_eq!(acked, EVENTS);
+    let queued = channel.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    assert_eq!(u64::from(queued.message_count()), EVENTS, "every event reached the queue once");
+    assert_eq!(buffered().await, Some(0.0), "nothing is left buffered");
+    let _ = connection.close(200, "done".into()).await;
+    child::terminate(&mut gateway);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 
 use crate::support::{Backend, TestApp, an_order};
 
-async fn scrape(addr: SocketAddr) -> String {
+pub(crate) async fn scrape(addr: SocketAddr) -> String {
     tokio::task::spawn_blocking(move || {
         ureq::get(format!("http://{addr}/metrics")).call().expect("GET /metrics").body_mut().read_to_string().expect("a text body")
     })
@@ -19,7 +19,7 @@ async fn scrape(addr: SocketAddr) -> String {
 }
 
 /// The value of the sample `series` (name and labels exactly as exposed), 0 when absent.
-fn value(text: &str, series: &str) -> f64 {
+pub(crate) fn value(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or(0.0)

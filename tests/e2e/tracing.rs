@@ -31,7 +31,7 @@ use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 
 use crate::{
     child,
-    support::{an_order, broker, database::{Backend, Databases}, eventually, test_catalog, write_catalog},
+    support::{an_order, broker, database::{Backend, Databases}, eventually, free_port, test_catalog, write_catalog},
 };
 
 /// A span as received, with the `service.name` of the process that sent it.
@@ -121,10 +121,6 @@ async fn stream_two_orders(grpc: SocketAddr, traceparent: Option<&str>) -> Vec<S
     }
     assert_eq!(event_ids.len(), 2, "both events acked");
     event_ids
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

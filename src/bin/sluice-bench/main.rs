@@ -68,6 +68,10 @@ struct Args {
     /// Events awaiting their ack on one PublishStream, one run each.
     #[arg(long, value_delimiter = ',', default_value = "16,256")]
     stream_windows: Vec<usize>,
+    /// Bytes added to each PublishStream event (its customer id), to measure the gateway's
+    /// memory with large events; 0 keeps them at about 100 bytes.
+    #[arg(long, default_value_t = 0)]
+    stream_padding: usize,
     /// HTTP/2 connections to the gateway (at most one per caller).
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -243,7 +247,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         eprintln!("PublishStream: {window} in flight");
         settle().await;
         let usage = Spent::start(&platform, &sink);
-        let result = stream::run(platform.grpc_addr, window, args.warmup, args.duration).await?;
+        let result = stream::run(platform.grpc_addr, window, args.stream_padding, args.warmup, args.duration).await?;
         usage.report();
         let check = delivered(&channel, &order_created, result.accepted, result.failed).await?;
         streams.push((window, result, check));

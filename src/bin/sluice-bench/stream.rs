@@ -19,10 +19,11 @@ use tonic::transport::Endpoint;
 
 use crate::{platform::SKU, report::{self, GatewayRun}};
 
-fn order_created(sequence: u64) -> PublishRequest {
+/// The `sequence`-th event, its customer id `padding` bytes longer than usual.
+fn order_created(sequence: u64, padding: usize) -> PublishRequest {
     let event = OrderCreated {
         order_id: uuid::Uuid::new_v4().to_string(),
-        customer_id: format!("bench-stream-{sequence}"),
+        customer_id: format!("bench-stream-{sequence}{}", "x".repeat(padding)),
         items: vec![OrderItem { sku: SKU.into(), quantity: 1 }],
         payment_token: "tok_visa".into(),
         created_at: None,
@@ -34,7 +35,7 @@ fn order_created(sequence: u64) -> PublishRequest {
 }
 
 /// Publishes over one stream for `warmup + duration` with `window` events awaiting their ack.
-pub async fn run(addr: SocketAddr, window: usize, warmup: Duration, duration: Duration) -> anyhow::Result<GatewayRun> {
+pub async fn run(addr: SocketAddr, window: usize, padding: usize, warmup: Duration, duration: Duration) -> anyhow::Result<GatewayRun> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await.context("connecting to the gateway")?;
     let mut client = EventGatewayClient::new(channel);
     let (tx, rx) = mpsc::channel::<PublishStreamRequest>(window.max(1));
@@ -53,7 +54,7 @@ pub async fn run(addr: SocketAddr, window: usize, warmup: Duration, duration: Du
                 let Ok(slot) = slots.acquire().await else { break };
                 slot.forget();
                 sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(sequence, Instant::now());
-                if tx.send(PublishStreamRequest { sequence, publish: Some(order_created(sequence)) }).await.is_err() {
+                if tx.send(PublishStreamRequest { sequence, publish: Some(order_created(sequence, padding)) }).await.is_err() {
                     break;
                 }
                 sequence += 1;

@@ -25,6 +25,11 @@ use tonic::{Status, transport::Channel};
 /// How long a test waits for the platform to reach a state before failing.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A port free on 127.0.0.1 now, for a child process to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A running platform for one test.
 pub struct TestApp {
     pub gateway: OrderServiceClient<Channel>,
