@@ -142,16 +142,21 @@ impl Envelope {
 
     /// AMQP properties and headers for this envelope, produced by `app_id`.
     pub fn properties(&self, app_id: &str) -> BasicProperties {
+        self.properties_in(app_id, &self.trace)
+    }
+
+    /// [`Envelope::properties`], carrying `trace` instead of the envelope's own context.
+    pub(crate) fn properties_in(&self, app_id: &str, trace: &TraceContext) -> BasicProperties {
         let mut headers = FieldTable::default();
         set_str(&mut headers, "cloudEvents_specversion", "1.0");
         set_str(&mut headers, "cloudEvents_id", &self.event_id);
         set_str(&mut headers, "cloudEvents_source", &format!("/sluice/{app_id}"));
         set_str(&mut headers, "cloudEvents_type", &self.type_name);
         set_str(&mut headers, "cloudEvents_time", &self.occurred_at.to_string());
-        if let Some(traceparent) = &self.trace.traceparent {
+        if let Some(traceparent) = &trace.traceparent {
             set_str(&mut headers, "traceparent", traceparent);
         }
-        if let Some(tracestate) = &self.trace.tracestate {
+        if let Some(tracestate) = &trace.tracestate {
             set_str(&mut headers, "tracestate", tracestate);
         }
         let mut properties = BasicProperties::default()

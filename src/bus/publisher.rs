@@ -85,7 +85,7 @@ impl Publisher {
     pub async fn publish<E: Event>(&self, event: &E, event_id: &str) -> Result<(), Error> {
         let span = spans::producer(EXCHANGE, E::ROUTING_KEY, event_id, event.order_id(), &self.inner.server);
         let envelope = span.in_scope(|| Envelope::of(event, event_id));
-        self.send_traced(&envelope, span).await
+        self.send_traced(&envelope, &envelope.trace, span).await
     }
 
     /// Publishes a prepared envelope (the outbox relay's path); `Ok` once confirmed. The
@@ -99,14 +99,16 @@ impl Publisher {
             envelope.correlation_id.as_deref(),
             &self.inner.server,
         );
-        let mut envelope = envelope.clone();
-        envelope.trace = span.in_scope(TraceContext::current);
-        self.send_traced(&envelope, span).await
+        // The message carries the PRODUCER span's context, not the stored one (and the body
+        // is not copied for it: events may be 1 MiB).
+        let trace = span.in_scope(TraceContext::current);
+        self.send_traced(envelope, &trace, span).await
     }
 
-    async fn send_traced(&self, envelope: &Envelope, span: tracing::Span) -> Result<(), Error> {
+    /// Publishes `envelope` carrying `trace`, inside its PRODUCER `span`.
+    async fn send_traced(&self, envelope: &Envelope, trace: &TraceContext, span: tracing::Span) -> Result<(), Error> {
         let sent = self
-            .send(EXCHANGE, &envelope.routing_key, envelope.properties(&self.inner.app_id), &envelope.body)
+            .send(EXCHANGE, &envelope.routing_key, envelope.properties_in(&self.inner.app_id, trace), &envelope.body)
             .instrument(span.clone())
             .await;
         if let Err(error) = &sent {
