@@ -1,7 +1,11 @@
 //! `sluice.v1.OrderService`: PlaceOrder turns a command into a confirmed `order.created`;
 //! GetOrder asks the orders service (request/reply) for its read model.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use futures_util::Stream;
 use tokio::sync::mpsc;
@@ -40,12 +44,23 @@ impl Orders {
             return Err(GatewayError::InvalidArgument(vec![violation]));
         }
         let request = GetOrderRequest { order_id: order_id.to_owned() };
-        let reply = self
-            .rpc
-            .call(&request, budget)
-            .await
-            .map_err(|e| map_wait_error(e, caller_limited, "the orders service"))?;
-        reply.order.ok_or_else(|| GatewayError::NotFound(format!("order {order_id}")))
+        let deadline = tokio::time::Instant::now() + budget;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let reply = self.rpc.call(&request, left).await.map_err(|e| map_wait_error(e, caller_limited, "the orders service"))?;
+            if let Some(order) = reply.order {
+                return Ok(order);
+            }
+            // An order placed a moment ago may not be in the read model yet (it follows the
+            // events): ask again while the order is that recent and the call has time left.
+            if !placed_recently(order_id, SystemTime::now()) || tokio::time::Instant::now() + 2 * NOT_YET_POLL >= deadline {
+                return Err(GatewayError::NotFound(format!("order {order_id}")));
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Err(GatewayError::Unavailable("the gateway is shutting down".into())),
+                () = tokio::time::sleep(NOT_YET_POLL) => {}
+            }
+        }
     }
 
     /// Publishes through `publisher` and asks other services through `rpc`, waiting at most
@@ -97,6 +112,27 @@ fn order_ids(request: &PlaceOrderRequest) -> (String, String) {
     let order_id = Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("order\u{0}{seed}").as_bytes());
     let event_id = Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("event\u{0}{seed}").as_bytes());
     (order_id.to_string(), event_id.to_string())
+}
+
+/// How long after PlaceOrder issued an order id GetOrder and WatchOrder wait for the read model
+/// to have the order, rather than answer NOT_FOUND (see [`placed_recently`]).
+const JUST_PLACED: Duration = Duration::from_secs(10);
+/// How often they ask the read model again meanwhile.
+const NOT_YET_POLL: Duration = Duration::from_millis(50);
+
+/// Whether `order_id` was issued by PlaceOrder less than [`JUST_PLACED`] before `now`: such ids
+/// are UUIDv7, which carry the time they were made (ids from an idempotency key do not, and
+/// neither does anything a client made up).
+fn placed_recently(order_id: &str, now: SystemTime) -> bool {
+    let Ok(id) = Uuid::parse_str(order_id) else { return false };
+    let Some(issued) = id.get_timestamp().filter(|_| id.get_version_num() == 7) else { return false };
+    let (seconds, nanos) = issued.to_unix();
+    let issued = UNIX_EPOCH + Duration::new(seconds, nanos);
+    // Another gateway's clock may be a little ahead of this one's.
+    match now.duration_since(issued) {
+        Ok(age) => age < JUST_PLACED,
+        Err(ahead) => ahead.duration() < JUST_PLACED,
+    }
 }
 
 /// How often WatchOrder asks the read model for changes.
@@ -220,6 +256,19 @@ mod tests {
         assert_ne!(order_ids(&request("c", "")).0, order_ids(&request("c", "")).0);
         let (order_id, event_id) = order_ids(&request("c", "k"));
         assert_ne!(order_id, event_id);
+    }
+
+    #[test]
+    fn only_ids_placeorder_issued_lately_are_waited_for() {
+        let (placed, _) = order_ids(&PlaceOrderRequest::default());
+        let now = SystemTime::now();
+        assert!(placed_recently(&placed, now));
+        assert!(placed_recently(&placed, now - Duration::from_secs(1)), "a clock a little behind the issuer's");
+        assert!(!placed_recently(&placed, now + JUST_PLACED + Duration::from_secs(1)), "issued too long ago");
+        let keyed = order_ids(&PlaceOrderRequest { idempotency_key: "k".into(), ..Default::default() }).0;
+        assert!(!placed_recently(&keyed, now), "an id from an idempotency key carries no time");
+        assert!(!placed_recently(&Uuid::new_v4().to_string(), now));
+        assert!(!placed_recently("nope", now));
     }
 
     #[test]

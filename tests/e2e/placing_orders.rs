@@ -1,11 +1,14 @@
 //! The order flow by choreography: completed, rejected, declined with compensation, and no
 //! overselling under concurrency. Each runs on SQLite and on PostgreSQL.
 
+use std::time::{Duration, Instant};
+
 use futures_util::future::join_all;
 use sluice::bus::Publisher;
 use sluice::events::{InventoryReserved, OrderCreated, OrderItem, PaymentCaptured};
-use sluice::pb::OrderStatus;
-use sqlx::Row;
+use sluice::pb::{GetOrderRequest, OrderStatus};
+use sqlx::{Connection as _, Row};
+use tokio_stream::StreamExt as _;
 
 use crate::support::{Backend, Options, TestApp, an_order, eventually, has_events};
 
@@ -259,4 +262,45 @@ async fn a_second_reservation_of_a_charged_order_charges_nothing_more(backend: B
     let next = tokio::time::timeout(crate::support::DEADLINE, payments.next()).await.expect("the marker's payment in time").unwrap();
     assert_eq!(next.correlation_id.as_deref(), Some(marker.as_str()), "no second payment event for the order");
     PaymentRig { app, db, payments, publisher }.stop().await;
+}
+
+/// GetOrder and WatchOrder called right after PlaceOrder find the order even while the orders
+/// read model has not projected it yet (here: its database's write lock held by the test);
+/// an id PlaceOrder did not issue lately is NOT_FOUND at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_just_placed_is_found_while_the_read_model_catches_up() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    // Queries still read beside the lock (WAL); the projection waits for it.
+    let mut lock = sqlx::AnyConnection::connect(&app.database_url("orders")).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
+    let accepted = app.place(an_order("SKU-1", 1, "tok_visa")).await.unwrap();
+    let request = || GetOrderRequest { order_id: accepted.order_id.clone() };
+    let get = tokio::spawn({
+        let (mut gateway, request) = (app.gateway.clone(), request());
+        async move { gateway.get_order(request).await.map(tonic::Response::into_inner) }
+    });
+    let watch = tokio::spawn({
+        let (mut gateway, request) = (app.gateway.clone(), request());
+        async move { gateway.watch_order(request).await.map(tonic::Response::into_inner) }
+    });
+    // Without the wait both would answer NOT_FOUND within milliseconds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!get.is_finished() && !watch.is_finished(), "an answer came while the read model did not have the order");
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let order = get.await.unwrap().expect("the order, once projected");
+    assert_eq!(order.order_id, accepted.order_id);
+    let mut stream = watch.await.unwrap().expect("a stream of the order");
+    let first = stream.next().await.expect("the order's state").expect("a state, not an error");
+    assert_eq!(first.order_id, accepted.order_id);
+
+    for unknown in [uuid::Uuid::new_v4().to_string(), "nope".to_owned()] {
+        let asked = Instant::now();
+        let missing = app.gateway.clone().get_order(GetOrderRequest { order_id: unknown }).await.expect_err("an unknown order");
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+        assert!(asked.elapsed() < Duration::from_secs(2), "NOT_FOUND took {:?}", asked.elapsed());
+    }
+    assert_eq!(app.wait_for_outcome(&accepted.order_id).await.status(), OrderStatus::Completed);
+    drop(stream);
+    lock.close().await.unwrap();
+    app.stop().await;
 }
