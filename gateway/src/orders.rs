@@ -203,7 +203,7 @@ impl OrderService for Orders {
         auth::may_subscribe(&self.auth, request.metadata(), &[OrderCreated::ROUTING_KEY.to_owned()])?;
         let order_id = request.into_inner().order_id;
         tracing::Span::current().record("order_id", order_id.as_str());
-        // An unknown order is NOT_FOUND at once, not an empty stream.
+        // An unknown order is NOT_FOUND (see `fetch`), not an empty stream.
         let first = self.fetch(&order_id, self.query_timeout, false).await?;
         let (tx, rx) = mpsc::channel(8);
         let orders = self.clone();
