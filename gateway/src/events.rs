@@ -136,7 +136,7 @@ impl Events {
             trace: TraceContext::current(),
             body: event.value,
         };
-        self.publisher.publish_envelope(&envelope).await.map_err(GatewayError::from)?;
+        self.publisher.publish_envelope_owned(envelope).await.map_err(GatewayError::from)?;
         Ok(PublishResponse { event_id, routing_key: checked.routing_key.to_owned() })
     }
 }

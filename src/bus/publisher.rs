@@ -85,12 +85,28 @@ impl Publisher {
     pub async fn publish<E: Event>(&self, event: &E, event_id: &str) -> Result<(), Error> {
         let span = spans::producer(EXCHANGE, E::ROUTING_KEY, event_id, event.order_id(), &self.inner.server);
         let envelope = span.in_scope(|| Envelope::of(event, event_id));
-        self.send_traced(&envelope, &envelope.trace, span).await
+        let properties = envelope.properties(&self.inner.app_id);
+        self.send_traced(E::ROUTING_KEY, properties, envelope.body, span).await
     }
 
     /// Publishes a prepared envelope (the outbox relay's path); `Ok` once confirmed. The
     /// PRODUCER span continues the trace stored in the envelope (the handler that emitted it).
     pub async fn publish_envelope(&self, envelope: &Envelope) -> Result<(), Error> {
+        let (properties, span) = self.producer(envelope);
+        self.send_traced(&envelope.routing_key, properties, envelope.body.as_slice(), span).await
+    }
+
+    /// [`Publisher::publish_envelope`] for a caller that has no more use for the envelope: its
+    /// body is freed once written to the broker, not kept until the confirm (the gateway's
+    /// events may be 1 MiB each).
+    pub async fn publish_envelope_owned(&self, envelope: Envelope) -> Result<(), Error> {
+        let (properties, span) = self.producer(&envelope);
+        self.send_traced(&envelope.routing_key, properties, envelope.body, span).await
+    }
+
+    /// The PRODUCER span of a prepared envelope, and the properties carrying its context (not
+    /// the stored one).
+    fn producer(&self, envelope: &Envelope) -> (BasicProperties, tracing::Span) {
         let span = spans::producer_in(
             &envelope.trace,
             EXCHANGE,
@@ -99,18 +115,13 @@ impl Publisher {
             envelope.correlation_id.as_deref(),
             &self.inner.server,
         );
-        // The message carries the PRODUCER span's context, not the stored one (and the body
-        // is not copied for it: events may be 1 MiB).
         let trace = span.in_scope(TraceContext::current);
-        self.send_traced(envelope, &trace, span).await
+        (envelope.properties_in(&self.inner.app_id, &trace), span)
     }
 
-    /// Publishes `envelope` carrying `trace`, inside its PRODUCER `span`.
-    async fn send_traced(&self, envelope: &Envelope, trace: &TraceContext, span: tracing::Span) -> Result<(), Error> {
-        let sent = self
-            .send(EXCHANGE, &envelope.routing_key, envelope.properties_in(&self.inner.app_id, trace), &envelope.body)
-            .instrument(span.clone())
-            .await;
+    /// Publishes `body` with `properties` to `routing_key`, inside its PRODUCER `span`.
+    async fn send_traced(&self, routing_key: &str, properties: BasicProperties, body: impl AsRef<[u8]>, span: tracing::Span) -> Result<(), Error> {
+        let sent = self.send(EXCHANGE, routing_key, properties, body).instrument(span.clone()).await;
         if let Err(error) = &sent {
             spans::fail(&span, &error.to_string());
         }
@@ -123,7 +134,7 @@ impl Publisher {
         exchange: &str,
         routing_key: &str,
         properties: BasicProperties,
-        body: &[u8],
+        body: impl AsRef<[u8]>,
     ) -> Result<(), Error> {
         let channel = match self.inner.state.borrow().clone() {
             LinkState::Up { value, blocked: None } => value,
@@ -138,10 +149,11 @@ impl Publisher {
         metrics.published.get_or_create(&label).inc();
         let started = std::time::Instant::now();
         let confirmation = tokio::time::timeout(timeout, async {
-            channel
-                .basic_publish(exchange_name, key, BasicPublishOptions { mandatory: true, ..Default::default() }, body, properties)
-                .await?
-                .await
+            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+            let confirm = channel.basic_publish(exchange_name, key, options, body.as_ref(), properties).await?;
+            // lapin has written the frames: an owned body is freed before the confirm.
+            drop(body);
+            confirm.await
         })
         .await
         .map_err(|_| Error::ConfirmTimeout(timeout))??;
