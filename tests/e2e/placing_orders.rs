@@ -275,17 +275,18 @@ async fn an_order_just_placed_is_found_while_the_read_model_catches_up() {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
     let accepted = app.place(an_order("SKU-1", 1, "tok_visa")).await.unwrap();
     let request = || GetOrderRequest { order_id: accepted.order_id.clone() };
-    let get = tokio::spawn({
+    let mut get = tokio::spawn({
         let (mut gateway, request) = (app.gateway.clone(), request());
         async move { gateway.get_order(request).await.map(tonic::Response::into_inner) }
     });
-    let watch = tokio::spawn({
+    let mut watch = tokio::spawn({
         let (mut gateway, request) = (app.gateway.clone(), request());
         async move { gateway.watch_order(request).await.map(tonic::Response::into_inner) }
     });
-    // Without the wait both would answer NOT_FOUND within milliseconds.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!get.is_finished() && !watch.is_finished(), "an answer came while the read model did not have the order");
+    // Neither may answer while the read model cannot have the order: without the wait both
+    // would answer NOT_FOUND within milliseconds.
+    let early = tokio::time::timeout(Duration::from_millis(500), futures_util::future::select(&mut get, &mut watch)).await;
+    assert!(early.is_err(), "an answer came while the read model did not have the order");
     sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
     let order = get.await.unwrap().expect("the order, once projected");
     assert_eq!(order.order_id, accepted.order_id);
