@@ -92,6 +92,8 @@ pub struct Metrics {
     pub requests: Family<Rpc, Counter>,
     /// Bytes of PublishStream events the gateway is publishing.
     pub stream_buffered_bytes: Gauge,
+    /// Bytes of request messages of the gateway's other calls, held until each call answers.
+    pub request_buffered_bytes: Gauge,
     registry: Registry,
 }
 
@@ -113,6 +115,7 @@ impl Metrics {
             connection_up: Family::default(),
             requests: Family::default(),
             stream_buffered_bytes: Gauge::default(),
+            request_buffered_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("published", "Publishes attempted", metrics.published.clone());
@@ -132,6 +135,11 @@ impl Metrics {
             "stream_buffered_bytes",
             "Bytes of PublishStream events being published",
             metrics.stream_buffered_bytes.clone(),
+        );
+        registry.register(
+            "request_buffered_bytes",
+            "Bytes of request messages held by the gateway's calls (PublishStream's events apart)",
+            metrics.request_buffered_bytes.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -26,6 +26,10 @@ pub struct Config {
     /// streams together, before the gateway stops reading from them (default 8 MiB; at
     /// least one largest message, [`crate::MAX_MESSAGE_BYTES`]).
     pub stream_buffer_bytes: u32,
+    /// `SLUICE_REQUEST_BUFFER_BYTES`: bytes of the request messages of every other call, held
+    /// from when a message starts to arrive until its call answers; a call reads its message
+    /// on only once the message has room (default 8 MiB; at least one largest message).
+    pub request_buffer_bytes: u32,
     /// `SLUICE_OPS_ADDR`: the health endpoint (default `0.0.0.0:9600`, `off` disables it).
     pub ops_addr: Option<SocketAddr>,
     /// `SLUICE_AUTH_TOKENS`: a JSON file of token hashes and grants; unset means no auth.
@@ -34,8 +38,17 @@ pub struct Config {
     pub tls: Option<ServerTls>,
 }
 
-/// Default of `SLUICE_STREAM_BUFFER_BYTES`.
-pub const DEFAULT_STREAM_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
+/// Default of `SLUICE_STREAM_BUFFER_BYTES` and `SLUICE_REQUEST_BUFFER_BYTES`.
+pub const DEFAULT_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
+
+/// A byte budget `name`, which must hold one largest message.
+fn buffer_bytes(source: &impl Source, name: &'static str) -> Result<u32, ConfigError> {
+    let bytes = parse_or(source, name, DEFAULT_BUFFER_BYTES)?;
+    if (bytes as usize) < crate::MAX_MESSAGE_BYTES {
+        return Err(ConfigError::new(name, bytes.to_string(), "must hold one largest message, 1048576 bytes"));
+    }
+    Ok(bytes)
+}
 
 /// Default port of the gateway's health endpoint.
 pub const OPS_PORT: u16 = 9600;
@@ -52,10 +65,6 @@ impl Config {
         if max_concurrent_requests == 0 {
             return Err(ConfigError::new("SLUICE_MAX_CONCURRENT_REQUESTS", "0", "must be at least 1"));
         }
-        let stream_buffer_bytes = parse_or(source, "SLUICE_STREAM_BUFFER_BYTES", DEFAULT_STREAM_BUFFER_BYTES)?;
-        if (stream_buffer_bytes as usize) < crate::MAX_MESSAGE_BYTES {
-            return Err(ConfigError::new("SLUICE_STREAM_BUFFER_BYTES", stream_buffer_bytes.to_string(), "must hold one largest message, 1048576 bytes"));
-        }
         Ok(Self {
             grpc_addr: parse_or(source, "SLUICE_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             bus: BusConfig::from_source(source)?,
@@ -63,7 +72,8 @@ impl Config {
             query_timeout: Duration::from_millis(parse_or(source, "SLUICE_QUERY_TIMEOUT_MS", 5_000u64)?.max(1)),
             request_timeout: Duration::from_millis(parse_or(source, "SLUICE_REQUEST_TIMEOUT_MS", 30_000u64)?.max(1)),
             max_concurrent_requests,
-            stream_buffer_bytes,
+            stream_buffer_bytes: buffer_bytes(source, "SLUICE_STREAM_BUFFER_BYTES")?,
+            request_buffer_bytes: buffer_bytes(source, "SLUICE_REQUEST_BUFFER_BYTES")?,
             ops_addr: sluice::ops::ops_addr(source, OPS_PORT)?,
             auth_tokens: source.get("SLUICE_AUTH_TOKENS"),
             tls: ServerTls::from_source(source)?,
@@ -79,7 +89,8 @@ impl Config {
             query_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 1024,
-            stream_buffer_bytes: DEFAULT_STREAM_BUFFER_BYTES,
+            stream_buffer_bytes: DEFAULT_BUFFER_BYTES,
+            request_buffer_bytes: DEFAULT_BUFFER_BYTES,
             ops_addr: None,
             auth_tokens: None,
             tls: None,
@@ -104,6 +115,8 @@ mod tests {
         let err = Config::from_source(&[("SLUICE_STREAM_BUFFER_BYTES", "1000")]).unwrap_err();
         assert_eq!(err.name, "SLUICE_STREAM_BUFFER_BYTES");
         assert_eq!(Config::from_source(&[("SLUICE_STREAM_BUFFER_BYTES", "1048576")]).unwrap().stream_buffer_bytes, 1_048_576);
-        assert_eq!(Config::from_source(&[("SLUICE_GRPC_ADDR", "127.0.0.1:6000")]).unwrap().stream_buffer_bytes, DEFAULT_STREAM_BUFFER_BYTES);
+        let defaults = Config::from_source(&[("SLUICE_GRPC_ADDR", "127.0.0.1:6000")]).unwrap();
+        assert_eq!((defaults.stream_buffer_bytes, defaults.request_buffer_bytes), (DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_BYTES));
+        assert_eq!(Config::from_source(&[("SLUICE_REQUEST_BUFFER_BYTES", "1048575")]).unwrap_err().name, "SLUICE_REQUEST_BUFFER_BYTES");
     }
 }

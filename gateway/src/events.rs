@@ -15,19 +15,23 @@ use tracing::Instrument;
 use sluice::bus::{Envelope, Publisher, Tap, TraceContext, headers};
 use sluice::config::BusConfig;
 use sluice::events::{PayloadError, check_payload};
-use sluice::metrics::metrics;
 use sluice::pb::{
     EventEnvelope, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse, SubscribeRequest,
     event_gateway_server::EventGateway,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tonic_types::FieldViolation;
 use uuid::Uuid;
 
-use crate::{auth, error::GatewayError, validation::MAX_ID_LEN};
+use crate::{
+    auth,
+    budget::{ByteBudget, Holds},
+    error::GatewayError,
+    validation::MAX_ID_LEN,
+};
 
 /// Publishes in flight per PublishStream before the gateway stops reading from it. The bytes
 /// in flight have a bound of their own, shared by every stream (`SLUICE_STREAM_BUFFER_BYTES`).
@@ -54,46 +58,11 @@ pub struct Events {
     stream_buffer: ByteBudget,
 }
 
-/// A budget of bytes shared by every PublishStream.
-#[derive(Clone)]
-struct ByteBudget {
-    room: Arc<Semaphore>,
-    capacity: u32,
-}
-
-impl ByteBudget {
-    fn new(capacity: u32) -> Self {
-        let capacity = capacity.max(1);
-        Self { room: Arc::new(Semaphore::new(capacity as usize)), capacity }
-    }
-
-    /// Waits for room for `bytes` (at most the whole budget, so that any event fits).
-    async fn reserve(&self, bytes: usize) -> Option<Buffered> {
-        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.capacity);
-        let permit = self.room.clone().acquire_many_owned(bytes).await.ok()?;
-        metrics().stream_buffered_bytes.inc_by(i64::from(bytes));
-        Some(Buffered { _permit: permit, bytes })
-    }
-}
-
-/// Room for one PublishStream event in the byte budget, counted in
-/// `sluice_stream_buffered_bytes` until dropped (once the event is published).
-struct Buffered {
-    _permit: OwnedSemaphorePermit,
-    bytes: u32,
-}
-
-impl Drop for Buffered {
-    fn drop(&mut self) {
-        metrics().stream_buffered_bytes.dec_by(i64::from(self.bytes));
-    }
-}
-
 impl Events {
     /// Publishes through `publisher`; subscriptions open taps on `bus` and end with `shutdown`.
     /// PublishStream holds at most `stream_buffer_bytes` of events not yet published.
     pub fn new(publisher: Publisher, bus: BusConfig, shutdown: CancellationToken, stream_buffer_bytes: u32) -> Self {
-        Self { publisher, bus, shutdown, auth: None, stream_buffer: ByteBudget::new(stream_buffer_bytes) }
+        Self { publisher, bus, shutdown, auth: None, stream_buffer: ByteBudget::new(stream_buffer_bytes, Holds::StreamEvents) }
     }
 
     /// Requires bearer tokens with the right grants (see `auth`).

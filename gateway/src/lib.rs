@@ -6,6 +6,7 @@
 //! and closes the broker connections.
 
 mod auth;
+mod budget;
 mod catalog;
 mod config;
 mod error;
@@ -152,6 +153,7 @@ impl Gateway {
         let layers = tower::ServiceBuilder::new()
             .layer(metrics::RequestMetricsLayer)
             .layer(shed::ShedLayer::new(self.config.max_concurrent_requests))
+            .layer(budget::RequestBudgetLayer::new(budget::ByteBudget::new(self.config.request_buffer_bytes, budget::Holds::Requests)))
             .into_inner();
         let served = server
             .timeout(self.config.request_timeout)

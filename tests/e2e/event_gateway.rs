@@ -313,79 +313,158 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_told_it_lagged() {
     app.stop().await;
 }
 
+/// A gateway in a process of its own (so that its `/metrics` counts one test's calls alone)
+/// with a byte budget of [`BUDGET`], reaching the broker through a proxy the test can freeze;
+/// a durable queue takes every `payment.captured`.
+struct Budgeted {
+    gateway: child::Process,
+    proxy: Proxy,
+    ops: std::net::SocketAddr,
+    client: EventGatewayClient<Channel>,
+    connection: Connection,
+    channel: lapin::Channel,
+    _vhost: broker::Vhost,
+    _broker: broker::BrokerGuard,
+}
+
+/// The byte budgets' size in these tests, and their events' (16 MiB in all: four budgets' worth).
+const BUDGET: usize = 4 * 1024 * 1024;
+const LARGE_EVENT: usize = 512 * 1024;
+const LARGE_EVENTS: u64 = 32;
+const LARGE_EVENTS_QUEUE: &str = "large-events";
+
+impl Budgeted {
+    /// `budget` names the budget set to [`BUDGET`].
+    async fn start(budget: &str) -> Self {
+        let broker = broker::shared().await;
+        let vhost = broker::Vhost::create();
+        let proxy = Proxy::start(broker::amqp_addr()).await;
+        let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let env = [
+            ("SLUICE_AMQP_URL", proxy.url(&vhost.name)),
+            ("SLUICE_GRPC_ADDR", grpc.to_string()),
+            ("SLUICE_OPS_ADDR", ops.to_string()),
+            (budget, BUDGET.to_string()),
+            // No publish may time out while the test holds the broker out of reach.
+            ("SLUICE_CONFIRM_TIMEOUT_MS", "120000".to_owned()),
+        ]
+        .map(|(name, value)| (name.to_owned(), value));
+        let gateway = child::spawn("gateway", &env, None);
+        eventually(|| async { Some(sluice::ops::probe(ops).await) }, |ready| *ready, &mut None).await.expect("the gateway became ready");
+        // The gateway declared the exchange when it connected: bind the events' queue.
+        let connection = Connection::connect(&vhost.url(), ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let queue = LARGE_EVENTS_QUEUE;
+        channel.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+        channel.queue_bind(queue.into(), EXCHANGE.into(), PaymentCaptured::ROUTING_KEY.into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+        let client = EventGatewayClient::connect(format!("http://{grpc}")).await.unwrap();
+        Self { gateway, proxy, ops, client, connection, channel, _vhost: vhost, _broker: broker }
+    }
+
+    /// Bytes the gauge `gauge` shows.
+    async fn buffered(&self, gauge: &str) -> f64 {
+        value(&scrape(self.ops).await, gauge)
+    }
+
+    /// Waits until `gauge` shows the budget nearly full (within two events of it), then checks
+    /// that it stays within the budget over the next second.
+    async fn holds_no_more_than_the_budget(&self, gauge: &str) {
+        let mut last = None;
+        let full = eventually(|| async { Some(self.buffered(gauge).await) }, |bytes| *bytes > (BUDGET - 2 * LARGE_EVENT) as f64, &mut last)
+            .await
+            .unwrap_or_else(|| panic!("the gateway never filled its budget: {last:?} bytes buffered"));
+        // Full, and it stays so: without the budget the gateway would read all 16 MiB within
+        // milliseconds.
+        let mut most = full;
+        let mut samples = tokio::time::interval(Duration::from_millis(100));
+        for _ in 0..10 {
+            samples.tick().await;
+            most = most.max(self.buffered(gauge).await);
+        }
+        assert!(most <= BUDGET as f64, "{most} bytes buffered, over the budget of {BUDGET}");
+        println!("{gauge}: {full} bytes when full, at most {most} over the next second (budget {BUDGET})");
+    }
+
+    /// The `published` events are on the queue once each, and nothing is left in `gauge`.
+    async fn all_arrived(mut self, gauge: &str, published: u64) {
+        let queued = self
+            .channel
+            .queue_declare(LARGE_EVENTS_QUEUE.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        assert_eq!(u64::from(queued.message_count()), published, "every event published reached the queue once");
+        assert_eq!(self.buffered(gauge).await, 0.0, "nothing is left buffered");
+        let _ = self.connection.close(200, "done".into()).await;
+        child::terminate(&mut self.gateway);
+    }
+}
+
+/// A `payment.captured` padded to [`LARGE_EVENT`] bytes.
+fn large_event(sequence: u64) -> PublishRequest {
+    publish(any(&PaymentCaptured { order_id: format!("o-{sequence}"), customer_id: "x".repeat(LARGE_EVENT), ..Default::default() }))
+}
+
 /// PublishStream holds at most `SLUICE_STREAM_BUFFER_BYTES` of events being published,
-/// however many its count window would allow: with the broker out of reach (a
-/// frozen proxy), a stream of large events stops being read once that budget is full; once the
-/// broker is back, every event is published and acknowledged.
+/// however many its count window (256) would allow: with the broker out of reach (a frozen
+/// proxy), a stream of large events stops being read once that budget is full; once the broker
+/// is back, every event is published and acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_large_events_is_read_no_further_than_the_byte_budget() {
-    const BUDGET: usize = 4 * 1024 * 1024;
-    const EVENT: usize = 512 * 1024;
-    // 16 MiB in all: four budgets' worth, and far fewer events than the count window (256).
-    const EVENTS: u64 = 32;
-    let _broker = broker::shared().await;
-    let vhost = broker::Vhost::create();
-    let proxy = Proxy::start(broker::amqp_addr()).await;
-    let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    // A process of its own, so that its `/metrics` counts this stream alone.
-    let env = [
-        ("SLUICE_AMQP_URL", proxy.url(&vhost.name)),
-        ("SLUICE_GRPC_ADDR", grpc.to_string()),
-        ("SLUICE_OPS_ADDR", ops.to_string()),
-        ("SLUICE_STREAM_BUFFER_BYTES", BUDGET.to_string()),
-        // No publish may time out while the test holds the broker out of reach.
-        ("SLUICE_CONFIRM_TIMEOUT_MS", "120000".to_owned()),
-    ]
-    .map(|(name, value)| (name.to_owned(), value));
-    let mut gateway = child::spawn("gateway", &env, None);
-    eventually(|| async { Some(sluice::ops::probe(ops).await) }, |ready| *ready, &mut None).await.expect("the gateway became ready");
-    // The gateway declared the exchange when it connected: bind the events' queue.
-    let connection = Connection::connect(&vhost.url(), ConnectionProperties::default()).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let queue = "large-events";
-    channel.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
-    channel.queue_bind(queue.into(), EXCHANGE.into(), PaymentCaptured::ROUTING_KEY.into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
-    let client = EventGatewayClient::connect(format!("http://{grpc}")).await.unwrap();
-    assert_eq!(value(&scrape(ops).await, r#"sluice_connection_up{link="gateway.publisher"}"#), 1.0);
+    const GAUGE: &str = "sluice_stream_buffered_bytes";
+    let app = Budgeted::start("SLUICE_STREAM_BUFFER_BYTES").await;
+    assert_eq!(value(&scrape(app.ops).await, r#"sluice_connection_up{link="gateway.publisher"}"#), 1.0);
 
-    proxy.freeze();
-    let padding = "x".repeat(EVENT);
-    let requests = tokio_stream::iter((0..EVENTS).map(move |sequence| PublishStreamRequest {
-        sequence,
-        publish: Some(publish(any(&PaymentCaptured { order_id: format!("o-{sequence}"), customer_id: padding.clone(), ..Default::default() }))),
-    }));
-    let mut acks = client.clone().publish_stream(requests).await.unwrap().into_inner();
-    let buffered = || async { Some(value(&scrape(ops).await, "sluice_stream_buffered_bytes")) };
-    let mut last = None;
-    // Nearly full (an event is a little over 512 KiB with its envelope: 7 fit in the budget).
-    let full = eventually(buffered, |bytes| *bytes > (BUDGET - 2 * EVENT) as f64, &mut last)
-        .await
-        .unwrap_or_else(|| panic!("the gateway never filled its budget: {last:?} bytes buffered"));
-    // Full, and it stays so: without the budget the gateway would read all 16 MiB within
-    // milliseconds, its count window being 256 events.
-    let mut most = full;
-    let mut samples = tokio::time::interval(Duration::from_millis(100));
-    for _ in 0..10 {
-        samples.tick().await;
-        most = most.max(buffered().await.unwrap_or_default());
-    }
-    assert!(most <= BUDGET as f64, "{most} bytes buffered, over the budget of {BUDGET}");
-    println!("byte budget: {full} bytes buffered when full, at most {most} over the next second (budget {BUDGET})");
+    app.proxy.freeze();
+    let requests = tokio_stream::iter((0..LARGE_EVENTS).map(|sequence| PublishStreamRequest { sequence, publish: Some(large_event(sequence)) }));
+    let mut acks = app.client.clone().publish_stream(requests).await.unwrap().into_inner();
+    app.holds_no_more_than_the_budget(GAUGE).await;
 
-    proxy.thaw();
+    app.proxy.thaw();
     let mut acked = 0;
     while let Some(ack) = tokio::time::timeout(Duration::from_secs(60), acks.next()).await.expect("every ack, once the broker is back") {
         let ack = ack.unwrap();
         assert_eq!(ack.error_code, 0, "event {} published: {}", ack.sequence, ack.error_message);
         acked += 1;
     }
-    assert_eq!(acked, EVENTS);
-    let queued = channel.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
-    assert_eq!(u64::from(queued.message_count()), EVENTS, "every event reached the queue once");
-    assert_eq!(buffered().await, Some(0.0), "nothing is left buffered");
-    let _ = connection.close(200, "done".into()).await;
-    child::terminate(&mut gateway);
+    assert_eq!(acked, LARGE_EVENTS);
+    app.all_arrived(GAUGE, LARGE_EVENTS).await;
+}
+
+/// Unary calls hold at most `SLUICE_REQUEST_BUFFER_BYTES` of request messages: with the broker
+/// out of reach, of 32 concurrent Publish calls of 512 KiB events on one connection, those that
+/// fit in the budget are read and wait for the broker; the others are refused at once with
+/// RESOURCE_EXHAUSTED, unread. Once the broker is back, every call that was read succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_publishes_are_read_no_further_than_the_byte_budget() {
+    const GAUGE: &str = "sluice_request_buffered_bytes";
+    let app = Budgeted::start("SLUICE_REQUEST_BUFFER_BYTES").await;
+
+    app.proxy.freeze();
+    let mut calls = tokio::task::JoinSet::new();
+    for sequence in 0..LARGE_EVENTS {
+        let mut client = app.client.clone();
+        calls.spawn(async move { client.publish(large_event(sequence)).await });
+    }
+    app.holds_no_more_than_the_budget(GAUGE).await;
+    // Until the broker is back, only refusals can answer.
+    let mut answers = Vec::new();
+    while let Some(answer) = calls.try_join_next() {
+        answers.push(answer.unwrap().map(|_| ()));
+        assert!(answers.iter().all(Result::is_err), "no event can be published while the broker is out of reach");
+    }
+    app.proxy.thaw();
+    while let Some(answer) = tokio::time::timeout(Duration::from_secs(60), calls.join_next()).await.expect("every answer, once the broker is back") {
+        answers.push(answer.unwrap().map(|_| ()));
+    }
+    let published = answers.iter().filter(|a| a.is_ok()).count() as u64;
+    let refused: Vec<Code> = answers.iter().filter_map(|a| a.as_ref().err().map(tonic::Status::code)).collect();
+    assert!(refused.iter().all(|code| *code == Code::ResourceExhausted), "calls that did not fit are RESOURCE_EXHAUSTED: {refused:?}");
+    // 7 events of 512 KiB (and their envelopes) fit in 4 MiB.
+    println!("of {LARGE_EVENTS} calls, {published} published and {} refused", refused.len());
+    assert_eq!(published, (BUDGET / (LARGE_EVENT + 64)) as u64, "as many calls as the budget holds were read");
+    assert_eq!(published + refused.len() as u64, LARGE_EVENTS);
+    app.all_arrived(GAUGE, published).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
