@@ -1,7 +1,8 @@
 //! The broker baseline: raw lapin, no Sluice code. Persistent 200-byte messages to
 //! `sluice.events` with `mandatory`, confirmed by the broker, with a fixed window of publishes
-//! in flight on one confirm channel, into quorum queues bound to the routing key. This is the
-//! ceiling any publishing path on this broker can reach.
+//! in flight on one confirm channel (or spread over several, `--baseline-channels`), into quorum
+//! queues bound to the routing key. This is the ceiling any publishing path on this broker can
+//! reach.
 //!
 //! The same run with the gateway's own message (`Message::Gateway`: an `order.created` with
 //! every property and header the wire contract puts on it) tells how much of the distance to
@@ -75,6 +76,8 @@ const GATEWAY_APP_ID: &str = "gateway";
 /// What one baseline run measured.
 pub struct Baseline {
     pub window: usize,
+    /// Confirm channels the window is spread over.
+    pub channels: usize,
     pub queues: usize,
     pub message: Message,
     /// Bytes of body per message.
@@ -87,14 +90,19 @@ pub struct Baseline {
     pub check: Check,
 }
 
-/// Publishes for `warmup + duration` with `window` confirms outstanding, into `queues` quorum
-/// queues bound to one routing key, then checks that every queue holds every confirmed message.
-pub async fn run(url: &str, window: usize, queues: usize, message: Message, warmup: Duration, duration: Duration) -> anyhow::Result<Baseline> {
+/// Publishes for `warmup + duration` with `window` confirms outstanding, spread over `channels`
+/// confirm channels in turn, into `queues` quorum queues bound to one routing key, then checks that every queue holds every confirmed message.
+pub async fn run(url: &str, window: usize, channels: usize, queues: usize, message: Message, warmup: Duration, duration: Duration) -> anyhow::Result<Baseline> {
     let connection = Connection::connect(url, ConnectionProperties::default().with_connection_name("sluice-bench.baseline".into()))
         .await
         .context("connecting to the broker")?;
-    let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut publishers = Vec::with_capacity(channels.max(1));
+    for _ in 0..channels.max(1) {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        publishers.push(channel);
+    }
+    let channel = publishers[0].clone();
     channel
         .exchange_declare(EXCHANGE.into(), ExchangeKind::Topic, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
         .await
@@ -121,11 +129,13 @@ pub async fn run(url: &str, window: usize, queues: usize, message: Message, warm
     let measure_from = Instant::now() + warmup;
     let end = measure_from + duration;
     let mut in_flight = FuturesUnordered::new();
+    let mut next = 0usize;
     loop {
         if Instant::now() < end {
             while in_flight.len() < window {
                 let sent = Instant::now();
-                let confirm = channel
+                next = next.wrapping_add(1);
+                let confirm = publishers[next % publishers.len()]
                     .basic_publish(EXCHANGE.into(), routing_key.clone(), options, &body, properties.clone())
                     .await
                     .context("publishing")?;
@@ -155,7 +165,7 @@ pub async fn run(url: &str, window: usize, queues: usize, message: Message, warm
         channel.queue_delete(ShortString::try_new(name.as_str())?, QueueDeleteOptions::default()).await?;
     }
     let _ = connection.close(200, "baseline done".into()).await;
-    Ok(Baseline { window, queues, message, body_bytes: body.len(), rate: measured as f64 / duration.as_secs_f64(), latency, errors, check })
+    Ok(Baseline { window, channels: publishers.len(), queues, message, body_bytes: body.len(), rate: measured as f64 / duration.as_secs_f64(), latency, errors, check })
 }
 
 /// The queue's message count once it reaches `expected`, or its last value after 5 s.
