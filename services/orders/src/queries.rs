@@ -2,10 +2,10 @@
 
 use sluice::bus::{BoxError, Responder};
 use sluice::events::PricedLine;
-use sluice::pb::{GetOrderReply, GetOrderRequest, Order, OrderHistoryEntry};
+use sluice::pb::{GetOrderReply, GetOrderRequest, Order, OrderHistoryEntry, OrderStatus};
 use sqlx::{AnyPool, Row};
 
-use crate::projector::status_of;
+use crate::{lifecycle::rank, projector::status_of};
 
 /// Reads one order with its lines and history.
 #[derive(Debug, Clone)]
@@ -71,12 +71,7 @@ impl Responder<GetOrderRequest> for GetOrder {
             ))
         })
         .collect::<Result<Vec<_>, _>>()?;
-        // Clocks of different services may disagree by a little: within the same instant,
-        // lifecycle order decides.
-        history.sort_by(|(ia, a), (ib, b)| {
-            let key = |e: &OrderHistoryEntry| e.occurred_at.as_ref().map(|t| (t.seconds, t.nanos / 1_000_000));
-            key(a).cmp(&key(b)).then(ia.cmp(ib))
-        });
+        in_lifecycle_order(&mut history);
         Ok(GetOrderReply {
             order: Some(Order {
                 order_id: request.order_id,
@@ -88,5 +83,74 @@ impl Responder<GetOrderRequest> for GetOrder {
                 reason: row.try_get("reason")?,
             }),
         })
+    }
+}
+
+/// Sorts an order's history (each entry with the status number its event implies, 0 for none)
+/// into lifecycle order, and gives each entry the order's status right after it in that order.
+///
+/// Clocks of different services may disagree by a little: within the same instant, lifecycle
+/// order decides. The status stored with an entry is the one after its event was *projected*,
+/// and the orders service projects the events of one order from different queues, in whatever
+/// order they arrive: a `payment.captured` projected before its `inventory.reserved` would show
+/// PAID on both. The status after each event in lifecycle order is the strongest one implied
+/// so far (`lifecycle::rank`), as the order's own status is the strongest one implied by all.
+fn in_lifecycle_order(history: &mut [(i64, OrderHistoryEntry)]) {
+    history.sort_by(|(ia, a), (ib, b)| {
+        let key = |e: &OrderHistoryEntry| e.occurred_at.as_ref().map(|t| (t.seconds, t.nanos / 1_000_000));
+        key(a).cmp(&key(b)).then(ia.cmp(ib))
+    });
+    let mut current = OrderStatus::Unspecified;
+    for (implied, entry) in history.iter_mut() {
+        let implied = status_of(*implied);
+        if rank(implied) > rank(current) {
+            current = implied;
+        }
+        // An event that implies no status, before any that does, keeps the stored one.
+        if current != OrderStatus::Unspecified {
+            entry.status = current as i32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(event: &str, seconds: i64, implied: OrderStatus, projected: OrderStatus) -> (i64, OrderHistoryEntry) {
+        let occurred_at = Some(prost_types::Timestamp { seconds, nanos: 0 });
+        (i64::from(implied as i32), OrderHistoryEntry { event: event.into(), status: projected as i32, occurred_at, ..Default::default() })
+    }
+
+    #[test]
+    fn each_entry_shows_the_status_after_it_in_lifecycle_order_whatever_the_projection_order() {
+        use OrderStatus::*;
+        // payment.captured was projected before inventory.reserved: both were stored as PAID.
+        let mut history = vec![
+            entry("notification.sent", 4, Completed, Completed),
+            entry("payment.captured", 3, Paid, Paid),
+            entry("inventory.reserved", 2, Reserved, Paid),
+            entry("order.created", 1, Pending, Pending),
+        ];
+        in_lifecycle_order(&mut history);
+        let shown: Vec<(&str, OrderStatus)> = history.iter().map(|(_, e)| (e.event.as_str(), e.status())).collect();
+        assert_eq!(
+            shown,
+            [("order.created", Pending), ("inventory.reserved", Reserved), ("payment.captured", Paid), ("notification.sent", Completed)]
+        );
+    }
+
+    #[test]
+    fn an_event_that_implies_no_status_shows_the_one_before_it() {
+        use OrderStatus::*;
+        let mut history = vec![
+            entry("order.created", 1, Pending, Pending),
+            entry("inventory.reserved", 2, Reserved, Reserved),
+            entry("payment.declined", 3, Declined, Declined),
+            entry("inventory.released", 4, Unspecified, Declined),
+        ];
+        in_lifecycle_order(&mut history);
+        let shown: Vec<OrderStatus> = history.iter().map(|(_, e)| e.status()).collect();
+        assert_eq!(shown, [Pending, Reserved, Declined, Declined]);
     }
 }
