@@ -20,7 +20,7 @@ use tonic::transport::Endpoint;
 use crate::{platform::SKU, report::{self, GatewayRun}};
 
 /// The `sequence`-th event, its customer id `padding` bytes longer than usual.
-fn order_created(sequence: u64, padding: usize) -> PublishRequest {
+pub fn order_created(sequence: u64, padding: usize) -> PublishRequest {
     let event = OrderCreated {
         order_id: uuid::Uuid::new_v4().to_string(),
         customer_id: format!("bench-stream-{sequence}{}", "x".repeat(padding)),

@@ -1,7 +1,8 @@
-//! Unary PlaceOrder through the gateway over real gRPC: a closed loop of `concurrency`
-//! callers, each sending its next order as soon as the previous one is answered. A call is
-//! answered OK only after the broker confirmed `order.created`, so the queues bound to
-//! `order.created` must hold exactly one message per accepted order; that is the check.
+//! Unary calls through the gateway over real gRPC, PlaceOrder or `EventGateway/Publish` of an
+//! `OrderCreated`: a closed loop of `concurrency` callers, each sending its next call as soon as
+//! the previous one is answered. A call is answered OK only after the broker confirmed
+//! `order.created`, so the queues bound to `order.created` must hold exactly one message per
+//! accepted call; that is the check.
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +12,9 @@ use std::{
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use sluice::pb::{OrderItem, PlaceOrderRequest, order_service_client::OrderServiceClient};
+use sluice::pb::{
+    OrderItem, PlaceOrderRequest, PublishRequest, event_gateway_client::EventGatewayClient, order_service_client::OrderServiceClient,
+};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{platform::SKU, report::{self, GatewayRun}};
@@ -26,18 +29,57 @@ pub fn an_order(customer: usize) -> PlaceOrderRequest {
     }
 }
 
-/// `n` gRPC clients, each on its own HTTP/2 connection.
-pub async fn clients(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<OrderServiceClient<Channel>>> {
-    let mut clients = Vec::with_capacity(n);
+/// `n` HTTP/2 connections to the gateway.
+async fn connections(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(n);
     for _ in 0..n {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .connect()
             .await
             .with_context(|| format!("connecting to the gateway at {addr}"))?;
-        clients.push(OrderServiceClient::new(channel));
+        channels.push(channel);
     }
-    Ok(clients)
+    Ok(channels)
+}
+
+/// `n` gRPC clients, each on its own HTTP/2 connection.
+pub async fn clients(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<OrderServiceClient<Channel>>> {
+    Ok(connections(addr, n).await?.into_iter().map(OrderServiceClient::new).collect())
+}
+
+/// What each call of a unary run is.
+#[derive(Debug, Clone, Copy)]
+pub enum Method {
+    /// PlaceOrder of one unit of the benchmark SKU.
+    PlaceOrder,
+    /// `EventGateway/Publish` of an `OrderCreated`, its customer id `padding` bytes longer than
+    /// usual.
+    Publish { padding: usize },
+}
+
+/// One caller's client and the request it sends again and again.
+enum Caller {
+    Orders(OrderServiceClient<Channel>, PlaceOrderRequest),
+    Events(EventGatewayClient<Channel>, PublishRequest),
+}
+
+impl Caller {
+    fn new(method: Method, channel: Channel, i: usize) -> Self {
+        match method {
+            Method::PlaceOrder => Self::Orders(OrderServiceClient::new(channel), an_order(i)),
+            Method::Publish { padding } => {
+                Self::Events(EventGatewayClient::new(channel), crate::stream::order_created(i as u64, padding))
+            }
+        }
+    }
+
+    async fn call(&mut self) -> Result<(), tonic::Status> {
+        match self {
+            Self::Orders(client, request) => client.place_order(request.clone()).await.map(drop),
+            Self::Events(client, request) => client.publish(request.clone()).await.map(drop),
+        }
+    }
 }
 
 struct Worker {
@@ -48,20 +90,26 @@ struct Worker {
     failed: u64,
 }
 
-/// Runs `concurrency` callers over `connections` connections for `warmup + duration`.
-pub async fn run(addr: SocketAddr, concurrency: usize, connections: usize, warmup: Duration, duration: Duration) -> anyhow::Result<GatewayRun> {
-    let clients = clients(addr, connections.clamp(1, concurrency.max(1))).await?;
+/// Runs `concurrency` callers of `method` over `connections` connections for `warmup + duration`.
+pub async fn run(
+    addr: SocketAddr,
+    method: Method,
+    concurrency: usize,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<GatewayRun> {
+    let channels = self::connections(addr, connections.clamp(1, concurrency.max(1))).await?;
     let measure_from = Instant::now() + warmup;
     let end = measure_from + duration;
     let mut workers = tokio::task::JoinSet::new();
     for i in 0..concurrency {
-        let mut client = clients[i % clients.len()].clone();
+        let mut caller = Caller::new(method, channels[i % channels.len()].clone(), i);
         let mut worker = Worker { latency: report::histogram()?, ok_in_window: 0, errors: BTreeMap::new(), accepted: 0, failed: 0 };
         workers.spawn(async move {
-            let request = an_order(i);
             while Instant::now() < end {
                 let sent = Instant::now();
-                let answer = client.place_order(request.clone()).await;
+                let answer = caller.call().await;
                 let done = Instant::now();
                 let measured = sent >= measure_from && done <= end;
                 match answer {
@@ -88,7 +136,7 @@ pub async fn run(addr: SocketAddr, concurrency: usize, connections: usize, warmu
     let mut total = GatewayRun { rate: 0.0, latency: report::histogram()?, errors: BTreeMap::new(), accepted: 0, failed: 0 };
     let mut ok_in_window = 0;
     while let Some(worker) = workers.join_next().await {
-        let worker = worker.context("a PlaceOrder caller panicked")?;
+        let worker = worker.context("a caller panicked")?;
         total.latency.add(&worker.latency)?;
         ok_in_window += worker.ok_in_window;
         total.accepted += worker.accepted;
