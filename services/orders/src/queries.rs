@@ -117,40 +117,44 @@ fn in_lifecycle_order(history: &mut [(i64, OrderHistoryEntry)]) {
 mod tests {
     use super::*;
 
-    fn entry(event: &str, seconds: i64, implied: OrderStatus, projected: OrderStatus) -> (i64, OrderHistoryEntry) {
-        let occurred_at = Some(prost_types::Timestamp { seconds, nanos: 0 });
-        (i64::from(implied as i32), OrderHistoryEntry { event: event.into(), status: projected as i32, occurred_at, ..Default::default() })
+    /// The history of `(event, occurred at, implied, stored)` as GetOrder shows it: each event
+    /// with its status.
+    fn shown(entries: &[(&'static str, i64, OrderStatus, OrderStatus)]) -> Vec<(String, OrderStatus)> {
+        let mut history: Vec<(i64, OrderHistoryEntry)> = entries
+            .iter()
+            .map(|&(event, seconds, implied, stored)| {
+                let occurred_at = Some(prost_types::Timestamp { seconds, nanos: 0 });
+                (i64::from(implied as i32), OrderHistoryEntry { event: event.into(), status: stored as i32, occurred_at, ..Default::default() })
+            })
+            .collect();
+        in_lifecycle_order(&mut history);
+        history.into_iter().map(|(_, e)| (e.event.clone(), e.status())).collect()
     }
 
     #[test]
     fn each_entry_shows_the_status_after_it_in_lifecycle_order_whatever_the_projection_order() {
         use OrderStatus::*;
         // payment.captured was projected before inventory.reserved: both were stored as PAID.
-        let mut history = vec![
-            entry("notification.sent", 4, Completed, Completed),
-            entry("payment.captured", 3, Paid, Paid),
-            entry("inventory.reserved", 2, Reserved, Paid),
-            entry("order.created", 1, Pending, Pending),
-        ];
-        in_lifecycle_order(&mut history);
-        let shown: Vec<(&str, OrderStatus)> = history.iter().map(|(_, e)| (e.event.as_str(), e.status())).collect();
-        assert_eq!(
-            shown,
-            [("order.created", Pending), ("inventory.reserved", Reserved), ("payment.captured", Paid), ("notification.sent", Completed)]
-        );
+        let history = shown(&[
+            ("notification.sent", 4, Completed, Completed),
+            ("payment.captured", 3, Paid, Paid),
+            ("inventory.reserved", 2, Reserved, Paid),
+            ("order.created", 1, Pending, Pending),
+        ]);
+        let expected = [("order.created", Pending), ("inventory.reserved", Reserved), ("payment.captured", Paid), ("notification.sent", Completed)];
+        assert_eq!(history, expected.map(|(e, s)| (e.to_owned(), s)));
     }
 
     #[test]
     fn an_event_that_implies_no_status_shows_the_one_before_it() {
         use OrderStatus::*;
-        let mut history = vec![
-            entry("order.created", 1, Pending, Pending),
-            entry("inventory.reserved", 2, Reserved, Reserved),
-            entry("payment.declined", 3, Declined, Declined),
-            entry("inventory.released", 4, Unspecified, Declined),
-        ];
-        in_lifecycle_order(&mut history);
-        let shown: Vec<OrderStatus> = history.iter().map(|(_, e)| e.status()).collect();
-        assert_eq!(shown, [Pending, Reserved, Declined, Declined]);
+        let history = shown(&[
+            ("order.created", 1, Pending, Pending),
+            ("inventory.reserved", 2, Reserved, Reserved),
+            ("payment.declined", 3, Declined, Declined),
+            ("inventory.released", 4, Unspecified, Declined),
+        ]);
+        let statuses: Vec<OrderStatus> = history.into_iter().map(|(_, s)| s).collect();
+        assert_eq!(statuses, [Pending, Reserved, Declined, Declined]);
     }
 }
