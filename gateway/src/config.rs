@@ -27,8 +27,8 @@ pub struct Config {
     /// least one largest message, [`crate::MAX_MESSAGE_BYTES`]).
     pub stream_buffer_bytes: u32,
     /// `SLUICE_REQUEST_BUFFER_BYTES`: bytes of the request messages of every other call, held
-    /// from when a message starts to arrive until its call answers; a call reads its message
-    /// on only once the message has room (default 8 MiB; at least one largest message).
+    /// from when a message starts to arrive until its call answers; a call whose message does
+    /// not fit is refused with `RESOURCE_EXHAUSTED` (default 8 MiB; at least one largest message).
     pub request_buffer_bytes: u32,
     /// `SLUICE_OPS_ADDR`: the health endpoint (default `0.0.0.0:9600`, `off` disables it).
     pub ops_addr: Option<SocketAddr>,
