@@ -50,9 +50,10 @@ async fn assert_all_completed_once(app: &TestApp, accepted: &[String]) {
 /// least the accepted orders were sold (an order whose confirm was lost may also be sold).
 async fn assert_stock_settled(app: &TestApp, sku: &str, before: i64, accepted: usize) {
     let mut last = None;
-    let stock = eventually(|| async { Some(app.stock(sku).await) }, |s| s.reserved == 0, &mut last)
-        .await
-        .unwrap_or_else(|| panic!("stock of {sku} still reserved: {last:?}"));
+    let Some(stock) = eventually(|| async { Some(app.stock(sku).await) }, |s| s.reserved == 0, &mut last).await else {
+        // Where the order that holds it stopped: a queue holding its next event, or a retry.
+        panic!("stock of {sku} still reserved: {last:?}\nqueues:\n{}", app.queue_report().await);
+    };
     let sold = before - stock.available;
     assert!(sold >= accepted as i64, "sold {sold} < accepted {accepted}");
 }
