@@ -80,3 +80,46 @@ pub async fn settle_broker(threshold: f64, limit: Duration) -> (Duration, bool) 
     }
     (started.elapsed(), false)
 }
+
+/// The broker pinned to one CPU and this tool, with every process it starts from then on, to
+/// the others (`--pin-broker`), so that the gateway and the broker do not share cores. Dropping
+/// it gives the broker back the CPUs it had.
+pub struct Pinned {
+    broker: String,
+    before: String,
+    /// `broker on CPU 0, the rest on 1`.
+    pub described: String,
+}
+
+impl Pinned {
+    /// Pins every thread of the broker to `cpu`, and every thread of this process to the other
+    /// CPUs (threads and processes started later inherit that).
+    pub fn apply(cpu: usize) -> anyhow::Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let rest: Vec<String> = (0..cpus).filter(|c| *c != cpu).map(|c| c.to_string()).collect();
+        anyhow::ensure!(cpu < cpus && !rest.is_empty(), "--pin-broker {cpu}: this machine has CPUs 0 to {}, and the rest needs one", cpus - 1);
+        let broker = broker_pid().ok_or_else(|| anyhow::anyhow!("--pin-broker: no beam.smp process on this machine"))?;
+        // `pid 3003's current affinity mask: 3`
+        let before = taskset(&["-p", &broker])?.rsplit(':').next().unwrap_or_default().trim().to_owned();
+        let rest = rest.join(",");
+        taskset(&["-a", "-p", "-c", &cpu.to_string(), &broker])?;
+        let pinned = Self { broker, before, described: format!("broker on CPU {cpu}, the rest on {rest}") };
+        taskset(&["-a", "-p", "-c", &rest, &std::process::id().to_string()])?;
+        Ok(pinned)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Err(e) = taskset(&["-a", "-p", &self.before, &self.broker]) {
+            eprintln!("warning: giving the broker back its CPUs (mask {}): {e:#}", self.before);
+        }
+    }
+}
+
+/// Runs `taskset` (util-linux) with `args`; its stdout.
+fn taskset(args: &[&str]) -> anyhow::Result<String> {
+    let output = std::process::Command::new("taskset").args(args).output().map_err(|e| anyhow::anyhow!("running taskset: {e}"))?;
+    anyhow::ensure!(output.status.success(), "taskset {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

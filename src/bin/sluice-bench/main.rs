@@ -103,6 +103,12 @@ struct Args {
     /// tool that counts them (without it, spans are made but not exported).
     #[arg(long)]
     otlp: bool,
+    /// Pins the broker (every `beam.smp` thread) to this CPU, and this tool with the platform it
+    /// starts to the other CPUs, for the run (`taskset`; needs the right to change the broker's
+    /// affinity). The numbers are of shared cores; this shows the gateway beside a
+    /// broker that has a core of its own.
+    #[arg(long)]
+    pin_broker: Option<usize>,
     /// Scenarios to run (for profiling one of them); the summary judges only what ran.
     #[arg(long, value_delimiter = ',', default_value = "baseline,e2e,unary,publish,stream")]
     only: Vec<Scenario>,
@@ -178,6 +184,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let dir = TempDir { path: std::env::temp_dir().join(&vhost.name), keep: args.keep };
     std::fs::create_dir_all(&dir.path).with_context(|| format!("creating {}", dir.path.display()))?;
     eprintln!("vhost {}, databases and logs in {}", vhost.name, dir.path.display());
+    let pinned = args.pin_broker.map(cpu::Pinned::apply).transpose()?;
+    if let Some(pinned) = &pinned {
+        eprintln!("pinned: {}", pinned.described);
+    }
     let sink = if args.otlp { Some(otlp::Sink::start().await?) } else { None };
     let started = Instant::now();
     let mut platform = platform::Platform::start(&bin_dir, &vhost.url(), &dir.path, sink.as_ref().map(|(_, addr)| format!("http://{addr}")))?;
@@ -473,6 +483,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         None => "end to end (target >= 1,000, steady): not run".into(),
     });
     parts.push(format!("peak RSS max {peak_mib:.1} MiB (target <= 64 MiB: {})", verdict(peak_mib > 0.0 && peak_mib <= 64.0)));
+    if let Some(pinned) = &pinned {
+        parts.push(format!("cores NOT shared: {}", pinned.described));
+    }
     parts.push(format!("load average {}", load_average()));
     println!("SUMMARY: {}", parts.join(" | "));
     Ok(failed == 0)
