@@ -98,7 +98,7 @@ impl Drop for Buffered {
 /// Calls whose request message takes room: all but PublishStream (whose events take room one
 /// by one), health checks and reflection.
 fn budgeted(path: &str) -> bool {
-    path != "/sluice.v1.EventGateway/PublishStream" && !path.starts_with("/grpc.health.") && !path.starts_with("/grpc.reflection.")
+    path != "/sluice.v1.EventGateway/PublishStream" && !crate::shed::exempt(path)
 }
 
 /// Holds each budgeted call's request message in a [`ByteBudget`].

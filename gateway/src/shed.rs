@@ -12,8 +12,9 @@ use std::{
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
-/// Paths that are never shed.
-fn exempt(path: &str) -> bool {
+/// Health checks and reflection: never shed, and their requests take no room in the request
+/// byte budget (`budget`).
+pub(crate) fn exempt(path: &str) -> bool {
     path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
 }
 
