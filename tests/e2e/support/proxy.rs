@@ -126,3 +126,74 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
         }
     }
 }
+
+/// When [`cut_after_frames`] cuts, once the broker's last frame is through.
+#[derive(Debug, Clone, Copy)]
+pub enum Cut {
+    /// At once, while the client is still reading that frame.
+    AtOnce,
+    /// Once the client has answered with bytes of its own (or stayed silent for 1 s): while it
+    /// waits for the broker's reply.
+    WhileTheClientWaits,
+}
+
+/// A proxy that forwards each connection until the broker has sent `frames` whole AMQP frames,
+/// then closes both sides (`cut` says exactly when): a connection cut at one exact step of its
+/// set-up. Each connection reports the (class, method) of the last frame it forwarded.
+pub async fn cut_after_frames(upstream: SocketAddr, frames: usize, cut: Cut) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u16, u16)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
+    let addr = listener.local_addr().unwrap();
+    let (report, reports) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else { return };
+            let report = report.clone();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                // Bytes the client has sent so far.
+                let (sent, mut client_sent) = watch::channel(0usize);
+                let up = async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if server_write.write_all(&buffer[..n]).await.is_err() {
+                            return;
+                        }
+                        sent.send_modify(|total| *total += n);
+                    }
+                };
+                let down = async {
+                    let mut last = None;
+                    for _ in 0..frames {
+                        // type (1), channel (2), size (4), payload, frame end (1)
+                        let mut header = [0u8; 7];
+                        server_read.read_exact(&mut header).await.ok()?;
+                        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
+                        let mut rest = vec![0u8; size + 1];
+                        server_read.read_exact(&mut rest).await.ok()?;
+                        if header[0] == 1 && size >= 4 {
+                            last = Some((u16::from_be_bytes([rest[0], rest[1]]), u16::from_be_bytes([rest[2], rest[3]])));
+                        }
+                        client_sent.mark_unchanged();
+                        client_write.write_all(&header).await.ok()?;
+                        client_write.write_all(&rest).await.ok()?;
+                    }
+                    if let Cut::WhileTheClientWaits = cut {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client_sent.changed()).await;
+                    }
+                    last
+                };
+                // Both halves of both sockets are dropped when this returns: the cut.
+                tokio::select! {
+                    () = up => {}
+                    last = down => if let Some(last) = last { let _ = report.send(last); },
+                }
+            });
+        }
+    });
+    (addr, reports)
+}
