@@ -19,6 +19,11 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{platform::SKU, report::{self, GatewayRun}};
 
+/// A refused caller's first pause before it calls again; it doubles at each refusal in a row,
+/// up to [`LAST_PAUSE`], with jitter (half to all of it).
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+const LAST_PAUSE: Duration = Duration::from_secs(1);
+
 /// A valid order for the benchmark SKU; no idempotency key, so every call is a new order.
 pub fn an_order(customer: usize) -> PlaceOrderRequest {
     PlaceOrderRequest {
@@ -107,6 +112,7 @@ pub async fn run(
         let mut caller = Caller::new(method, channels[i % channels.len()].clone(), i);
         let mut worker = Worker { latency: report::histogram()?, ok_in_window: 0, errors: BTreeMap::new(), accepted: 0, failed: 0 };
         workers.spawn(async move {
+            let mut pause = FIRST_PAUSE;
             while Instant::now() < end {
                 let sent = Instant::now();
                 let answer = caller.call().await;
@@ -114,6 +120,7 @@ pub async fn run(
                 let measured = sent >= measure_from && done <= end;
                 match answer {
                     Ok(_) => {
+                        pause = FIRST_PAUSE;
                         worker.accepted += 1;
                         if measured {
                             worker.ok_in_window += 1;
@@ -125,8 +132,11 @@ pub async fn run(
                         if measured {
                             *worker.errors.entry(format!("{:?}", status.code())).or_default() += 1;
                         }
-                        // A caller that keeps failing backs off, as any client would.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // A caller that keeps failing backs off, as a good client would: a
+                        // fixed 10 ms made every refused caller send again at once, a retry
+                        // storm that measured the bench more than the gateway.
+                        tokio::time::sleep(pause / 2 + pause.mul_f64(fastrand::f64() / 2.0)).await;
+                        pause = (pause * 2).min(LAST_PAUSE);
                     }
                 }
             }
