@@ -123,9 +123,7 @@ impl<S: Session> Supervisor<S> {
                 tokio::select! {
                     _ = self.stop.cancelled() => {
                         self.update(|s| *s = LinkState::Down);
-                        if let Err(error) = connection.close(200, "shutdown".into()).await {
-                            tracing::debug!(link = %self.name, %error, "closing connection");
-                        }
+                        closed(&self.name, "closing the connection", connection.close(200, "shutdown".into())).await;
                         return;
                     }
                     event = events.next() => match event {
@@ -240,6 +238,23 @@ pub(crate) async fn connect(url: &str, name: &str) -> Result<Connection, Error> 
         .await
         .map_err(|_| Error::Unavailable(format!("the broker did not complete the AMQP handshake within {HANDSHAKE_TIMEOUT:?}")))?
         .map_err(Error::from)
+}
+
+/// How long a close (of a channel, a consumer or a connection) may wait for the broker's
+/// answer. lapin waits without a bound, and a broker that has gone silent answers only when its
+/// heartbeat gives the connection up: a minute or more (a consumer's shutdown took 125 s). An
+/// unanswered close is abandoned; the broker drops what the connection held once it is gone,
+/// and returns its unacknowledged deliveries to their queues.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Waits for a close, at most [`CLOSE_TIMEOUT`]; what failed is logged (at debug: a close that
+/// fails has nothing left to lose), named by `who` and `what`.
+pub(crate) async fn closed<T>(who: &str, what: &str, close: impl Future<Output = lapin::Result<T>>) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::debug!(who, %error, "{what}"),
+        Err(_) => tracing::warn!(who, limit = ?CLOSE_TIMEOUT, "{what}: the broker did not answer; given up"),
+    }
 }
 
 /// Exponential backoff with full jitter (AWS architecture blog's "full jitter").

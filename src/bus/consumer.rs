@@ -953,9 +953,10 @@ impl Consumer {
             super::connection::LinkState::Up { value, .. } => Some(value),
             super::connection::LinkState::Down => None,
         };
-        for (channel, tag) in consumers.iter().flat_map(|c| c.0.iter()) {
-            let _ = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
-        }
+        let cancels = consumers.iter().flat_map(|c| c.0.iter()).map(|(channel, tag)| {
+            super::connection::closed(&self.service, "cancelling a consumer", channel.basic_cancel(tag.clone(), BasicCancelOptions::default()))
+        });
+        futures_util::future::join_all(cancels).await;
         self.tracker.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, self.tracker.wait()).await.is_err() {
             tracing::warn!(service = %self.service, "in-flight handlers did not finish in time; they will be redelivered");
@@ -964,11 +965,11 @@ impl Consumer {
         let _ = self.relay.await;
         // Close the channels before the connection (lapin reports channels still open when
         // their connection closes as a connection error).
-        for (channel, _) in consumers.iter().flat_map(|c| c.0.iter()) {
-            let _ = channel.close(200, "shutdown".into()).await;
-        }
-        self.link.close().await;
-        self.publisher.close().await;
+        let closes = consumers.iter().flat_map(|c| c.0.iter()).map(|(channel, _)| {
+            super::connection::closed(&self.service, "closing a channel", channel.close(200, "shutdown".into()))
+        });
+        futures_util::future::join_all(closes).await;
+        tokio::join!(self.link.close(), self.publisher.close());
         tracing::info!(service = %self.service, "stopped");
         Ok(())
     }

@@ -205,7 +205,7 @@ impl DeadLetters {
         }
         .await;
         let returned = requeue(held).await;
-        let _ = channel.close(200, "shown".into()).await;
+        super::connection::closed("sluice-dlq", "closing a channel", channel.close(200, "shown".into())).await;
         scan?;
         returned?;
         Ok(shown)
@@ -268,7 +268,7 @@ impl DeadLetters {
         }
         .await;
         let returned = requeue(held).await;
-        let _ = channel.close(200, "replayed".into()).await;
+        super::connection::closed("sluice-dlq", "closing a channel", channel.close(200, "replayed".into())).await;
         scan?;
         returned?;
         Ok(report)
@@ -282,15 +282,13 @@ impl DeadLetters {
         declare_passive(&channel, queue).await?;
         let purged = channel.queue_purge(topology::short(queue)?, QueuePurgeOptions::default()).await?;
         tracing::info!(purged, "queue purged");
-        let _ = channel.close(200, "purged".into()).await;
+        super::connection::closed("sluice-dlq", "closing a channel", channel.close(200, "purged".into())).await;
         Ok(purged)
     }
 
     /// Closes the connection.
     pub async fn close(self) {
-        if let Err(error) = self.connection.close(200, "done".into()).await {
-            tracing::debug!(%error, "closing the connection");
-        }
+        super::connection::closed("sluice-dlq", "closing the connection", self.connection.close(200, "done".into())).await;
     }
 
     async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
@@ -298,7 +296,7 @@ impl DeadLetters {
         // A passive declare of a missing queue closes its channel: one channel per queue.
         let channel = self.connection.create_channel().await?;
         let messages = declare_passive(&channel, queue).await?;
-        let _ = channel.close(200, "counted".into()).await;
+        super::connection::closed("sluice-dlq", "closing a channel", channel.close(200, "counted".into())).await;
         Ok(QueueDepth { queue: queue.to_owned(), messages })
     }
 

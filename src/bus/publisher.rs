@@ -191,7 +191,7 @@ impl Publisher {
         if let Some(link) = self.inner.link.lock().await.take() {
             let state = self.inner.state.borrow().clone();
             if let LinkState::Up { value: channel, .. } = state {
-                let _ = channel.close(200, "shutdown".into()).await;
+                super::connection::closed(&self.inner.app_id, "closing the publishing channel", channel.close(200, "shutdown".into())).await;
             }
             link.close().await;
         }

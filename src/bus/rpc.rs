@@ -165,7 +165,7 @@ impl RpcClient {
         if let Some(link) = self.link.lock().await.take() {
             let state = self.state.borrow().clone();
             if let LinkState::Up { value: channel, .. } = state {
-                let _ = channel.close(200, "shutdown".into()).await;
+                super::connection::closed("rpc", "closing the request channel", channel.close(200, "shutdown".into())).await;
             }
             link.close().await;
         }

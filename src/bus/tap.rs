@@ -103,8 +103,8 @@ impl Tap {
 
     /// Closes the tap (its queue disappears with the connection).
     pub async fn close(self) {
-        let _ = self.channel.close(200, "tap closed".into()).await;
-        let _ = self.connection.close(200, "tap closed".into()).await;
+        super::connection::closed("sluice.tap", "closing the tap's channel", self.channel.close(200, "tap closed".into())).await;
+        super::connection::closed("sluice.tap", "closing the tap's connection", self.connection.close(200, "tap closed".into())).await;
     }
 }
 

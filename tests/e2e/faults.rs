@@ -313,3 +313,20 @@ async fn a_blocked_broker_makes_place_order_unavailable_and_health_not_serving()
     println!("memory alarm: first PlaceOrder UNAVAILABLE after {took:?}, then at once; SERVING again after the alarm cleared");
     app.stop().await;
 }
+
+/// A shutdown while the broker is silent (a frozen proxy: nothing answers and nothing closes)
+/// ends within seconds, for the gateway and every service: each close waits at most 2 s for the
+/// broker's answer. (lapin waits for it until the heartbeat gives the connection up: before the
+/// bound, one consumer's shutdown took 125 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_the_broker_is_silent_ends_in_seconds() {
+    let app = TestApp::spawn_opts(Options { proxy: true, ..Options::new(Backend::Sqlite) }).await;
+    let order = app.place(an_order("SKU-2", 1, "tok_visa")).await.expect("an order");
+    assert_eq!(app.wait_for_outcome(&order.order_id).await.status(), OrderStatus::Completed);
+    app.proxy.as_ref().unwrap().freeze();
+    let started = Instant::now();
+    app.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "the platform took {took:?} to stop");
+    println!("shutdown with a silent broker: the gateway and the four services stopped in {took:?}");
+}
