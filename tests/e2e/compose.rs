@@ -3,9 +3,10 @@
 //! only once RabbitMQ is healthy, health-checked, and configured with variables the binaries
 //! actually read.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use serde_yaml_ng::Value;
+use sluice::bus::handler::DRAIN_TIMEOUT;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -59,6 +60,11 @@ fn compose_runs_every_process_after_a_healthy_broker() {
         );
         assert_eq!(service["depends_on"]["rabbitmq"]["condition"].as_str(), Some("service_healthy"), "{name} waits for RabbitMQ");
         assert_eq!(strs(&service["healthcheck"]["test"]), ["CMD", binary.as_str(), "health"], "{name} is health-checked");
+        // Docker kills a container 10 s after SIGTERM unless told otherwise: too soon for a
+        // shutdown that lets in-flight handlers finish.
+        let grace = service["stop_grace_period"].as_str().and_then(|g| g.strip_suffix('s')).and_then(|s| s.parse().ok()).map(Duration::from_secs);
+        let needed = DRAIN_TIMEOUT + Duration::from_secs(15);
+        assert!(grace.is_some_and(|g| g >= needed), "{name}: stop_grace_period {grace:?}, at least {needed:?} (in-flight handlers, outbox flush, closes, span export)");
         let env = &service["environment"];
         assert_eq!(env["SLUICE_AMQP_URL"].as_str(), Some("amqp://guest:guest@rabbitmq:5672/%2f"));
         assert_eq!(env["OTEL_EXPORTER_OTLP_ENDPOINT"].as_str(), Some("http://jaeger:4317"));
