@@ -133,18 +133,23 @@ async fn a_connection_cut_during_its_handshake_fails_in_seconds() {
     // Connection.Start (class 10, method 10), then Connection.Tune (10, 30). lapin hangs or
     // not depending on whether it reads the close before it has sent its answer, so each cut
     // is made three times.
+    // Made at once, each through its own proxy.
     let cuts = [(1, (10, 10)), (2, (10, 30))].into_iter().flat_map(|cut| [cut; 3]);
-    for (frames, step) in cuts {
-        let (addr, mut cut) = proxy::cut_after_frames(broker::amqp_addr(), frames, Cut::AtOnce).await;
-        let url = format!("amqp://guest:guest@{addr}/{}", vhost.name);
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(Duration::from_secs(30), Publisher::connect(&BusConfig::for_url(url), "cut")).await;
-        let took = started.elapsed();
-        assert_eq!(cut.recv().await, Some(step), "the proxy cut the connection right after that frame");
-        let error = outcome.expect("connect answered").err().expect("no connection past a cut");
-        assert!(took < Duration::from_secs(8), "cut after frame {frames}: the connect failed only after {took:?} ({error})");
-        println!("cut after handshake frame {frames} {step:?}: connect failed in {took:?}: {error}");
-    }
+    let attempts = cuts.map(|(frames, step)| {
+        let vhost = &vhost.name;
+        async move {
+            let (addr, mut cut) = proxy::cut_after_frames(broker::amqp_addr(), frames, Cut::AtOnce).await;
+            let url = format!("amqp://guest:guest@{addr}/{vhost}");
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(Duration::from_secs(30), Publisher::connect(&BusConfig::for_url(url), "cut")).await;
+            let took = started.elapsed();
+            assert_eq!(cut.recv().await, Some(step), "the proxy cut the connection right after that frame");
+            let error = outcome.expect("connect answered").err().expect("no connection past a cut");
+            assert!(took < Duration::from_secs(8), "cut after frame {frames}: the connect failed only after {took:?} ({error})");
+            println!("cut after handshake frame {frames} {step:?}: connect failed in {took:?}: {error}");
+        }
+    });
+    futures_util::future::join_all(attempts).await;
 }
 
 /// Handles nothing: a consumer whose set-up is what the test cuts.
