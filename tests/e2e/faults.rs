@@ -132,8 +132,7 @@ async fn a_connection_cut_during_its_handshake_fails_in_seconds() {
     let vhost = broker::Vhost::create();
     // Connection.Start (class 10, method 10), then Connection.Tune (10, 30). lapin hangs or
     // not depending on whether it reads the close before it has sent its answer, so each cut
-    // is made three times.
-    // Made at once, each through its own proxy.
+    // is made three times, all at once, each through its own proxy.
     let cuts = [(1, (10, 10)), (2, (10, 30))].into_iter().flat_map(|cut| [cut; 3]);
     let attempts = cuts.map(|(frames, step)| {
         let vhost = &vhost.name;

@@ -97,14 +97,20 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, state: Arc<State>) 
             let (server_read, server_write) = server.into_split();
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = pump(client_read, server_write, frozen.clone()) => {}
-                _ = pump(server_read, client_write, frozen) => {}
+                _ = pump(client_read, server_write, frozen.clone(), |_| {}) => {}
+                _ = pump(server_read, client_write, frozen, |_| {}) => {}
             }
         });
     }
 }
 
-async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mut frozen: watch::Receiver<bool>) {
+/// Forwards `from` to `to` while not `frozen`, telling `forwarded` each chunk's size.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+    mut forwarded: impl FnMut(usize),
+) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         while *frozen.borrow_and_update() {
@@ -124,6 +130,7 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
         if to.write_all(&buffer[..n]).await.is_err() {
             return;
         }
+        forwarded(n);
     }
 }
 
@@ -149,23 +156,12 @@ pub async fn cut_after_frames(upstream: SocketAddr, frames: usize, cut: Cut) -> 
             let Ok(server) = TcpStream::connect(upstream).await else { return };
             let report = report.clone();
             tokio::spawn(async move {
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
+                let (client_read, mut client_write) = client.into_split();
+                let (mut server_read, server_write) = server.into_split();
                 // Bytes the client has sent so far.
                 let (sent, mut client_sent) = watch::channel(0usize);
-                let up = async move {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match client_read.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if server_write.write_all(&buffer[..n]).await.is_err() {
-                            return;
-                        }
-                        sent.send_modify(|total| *total += n);
-                    }
-                };
+                let never_frozen = watch::channel(false).1;
+                let up = pump(client_read, server_write, never_frozen, move |n| sent.send_modify(|total| *total += n));
                 let down = async {
                     let mut last = None;
                     for _ in 0..frames {
