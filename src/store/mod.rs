@@ -60,7 +60,7 @@ pub enum Backend {
 
 impl Backend {
     /// The database behind a connection.
-    pub(crate) fn of(connection: &AnyConnection) -> Self {
+    pub fn of(connection: &AnyConnection) -> Self {
         if connection.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME { Self::Postgres } else { Self::Sqlite }
     }
 }

@@ -2,11 +2,12 @@
 //! (`available >= quantity`), atomic in both SQLite and PostgreSQL, so concurrent orders can
 //! never oversell; SKUs are always locked in sorted order so two orders cannot deadlock.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::LazyLock};
 
 use sluice::events::{OrderItem, PricedLine};
 use sluice::store::placeholders;
-use sqlx::{AnyConnection, Row};
+use sluice::store::Backend;
+use sqlx::{AnyConnection, Row, any::AnyRow};
 
 /// Quantities per SKU, merged and sorted (the lock order).
 pub fn merge(items: &[OrderItem]) -> BTreeMap<String, i64> {
@@ -76,28 +77,107 @@ pub async fn reserve(db: &mut AnyConnection, order_id: &str, items: &BTreeMap<St
 }
 
 /// Ends an order's reservations: `released` returns stock to `available`, `committed` drops
-/// it from `reserved` (it was sold). Returns the lines it ended; empty if already ended.
+/// it from `reserved` (it was sold). Returns the lines it ended, sorted by SKU; empty if already
+/// ended.
 pub async fn end_reservation(db: &mut AnyConnection, order_id: &str, release: bool) -> Result<Vec<OrderItem>, sqlx::Error> {
-    // Ending them first returns exactly the lines this call ends (none if already ended).
-    let mut rows = sqlx::query("UPDATE inventory_reservations SET state = $1 WHERE order_id = $2 AND state = 'reserved' RETURNING sku, quantity")
-        .bind(if release { "released" } else { "committed" })
-        .bind(order_id)
-        .fetch_all(&mut *db)
-        .await?
-        .into_iter()
-        .map(|row| Ok((row.try_get::<String, _>("sku")?, row.try_get::<i64, _>("quantity")?)))
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    // Sorted: the lock order of every stock change.
-    rows.sort();
-    let mut ended = Vec::with_capacity(rows.len());
-    for (sku, quantity) in rows {
-        let sql = if release {
-            "UPDATE inventory_items SET available = available + $1, reserved = reserved - $1 WHERE sku = $2"
-        } else {
-            "UPDATE inventory_items SET reserved = reserved - $1 WHERE sku = $2"
-        };
-        sqlx::query(sql).bind(quantity).bind(&sku).execute(&mut *db).await?;
-        ended.push(OrderItem { sku, quantity: u32::try_from(quantity).unwrap_or(u32::MAX) });
+    let state = if release { "released" } else { "committed" };
+    let rows = if Backend::of(db) == Backend::Sqlite {
+        // One round trip: SQLite has one writer, so no lock order to keep. `changes()` is the
+        // count of the first statement: the stock moves only if this call ended the lines.
+        let sql: &str = if release { &END_AND_RELEASE_SQLITE } else { &END_AND_COMMIT_SQLITE };
+        ended_lines(sqlx::query(sql).bind(state).bind(order_id).fetch_all(&mut *db).await?)?
+    } else {
+        // Ending them first returns exactly the lines this call ends (none if already ended).
+        let rows = ended_lines(sqlx::query(END_SQL).bind(state).bind(order_id).fetch_all(&mut *db).await?)?;
+        for (sku, quantity) in &rows {
+            sqlx::query(if release { RELEASE_SQL } else { COMMIT_SQL }).bind(*quantity).bind(sku).execute(&mut *db).await?;
+        }
+        rows
+    };
+    Ok(rows.into_iter().map(|(sku, quantity)| OrderItem { sku, quantity: u32::try_from(quantity).unwrap_or(u32::MAX) }).collect())
+}
+
+/// Marks an order's reserved lines `$1` and returns them.
+const END_SQL: &str = "UPDATE inventory_reservations SET state = $1 WHERE order_id = $2 AND state = 'reserved' RETURNING sku, quantity";
+/// One released line (`$1` units of SKU `$2`) back to `available`.
+const RELEASE_SQL: &str = "UPDATE inventory_items SET available = available + $1, reserved = reserved - $1 WHERE sku = $2";
+/// One sold line (`$1` units of SKU `$2`) out of `reserved`.
+const COMMIT_SQL: &str = "UPDATE inventory_items SET reserved = reserved - $1 WHERE sku = $2";
+
+/// SQLite: [`END_SQL`], then the stock of the lines it ended moved as [`RELEASE_SQL`] or
+/// [`COMMIT_SQL`] would, in one query.
+fn end_and_move_sqlite(set: &str) -> String {
+    format!(
+        "{END_SQL}; UPDATE inventory_items SET {set} FROM inventory_reservations AS r \
+         WHERE changes() > 0 AND r.order_id = $2 AND r.state = $1 AND r.sku = inventory_items.sku"
+    )
+}
+static END_AND_RELEASE_SQLITE: LazyLock<String> =
+    LazyLock::new(|| end_and_move_sqlite("available = available + r.quantity, reserved = reserved - r.quantity"));
+static END_AND_COMMIT_SQLITE: LazyLock<String> = LazyLock::new(|| end_and_move_sqlite("reserved = reserved - r.quantity"));
+
+/// The (SKU, quantity) rows [`END_SQL`] returned, sorted: the lock order of every stock change.
+fn ended_lines(rows: Vec<AnyRow>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let mut lines = rows.into_iter().map(|row| Ok((row.try_get("sku")?, row.try_get("quantity")?))).collect::<Result<Vec<_>, sqlx::Error>>()?;
+    lines.sort();
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice::bus::Context;
+    use sluice::store::Store;
+
+    use super::*;
+
+    /// (available, reserved) of each SKU, sorted.
+    async fn levels(ctx: &mut Context) -> Vec<(String, i64, i64)> {
+        sqlx::query("SELECT sku, available, reserved FROM inventory_items ORDER BY sku")
+            .fetch_all(ctx.db())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.try_get("sku").unwrap(), row.try_get("available").unwrap(), row.try_get("reserved").unwrap()))
+            .collect()
     }
-    Ok(ended)
+
+    /// An order of 2 A and 3 B reserved, out of 10 of each, in a fresh in-memory database.
+    async fn reserved() -> (Store, Context) {
+        let store = Store::connect("sqlite::memory:", crate::MIGRATIONS).await.unwrap();
+        let mut ctx = Context::for_test(&store, "e-1").await.unwrap();
+        sqlx::query("INSERT INTO inventory_items (sku, name, price_cents, available) VALUES ('A', 'a', 100, 10), ('B', 'b', 50, 10)")
+            .execute(ctx.db())
+            .await
+            .unwrap();
+        let items = BTreeMap::from([("A".to_owned(), 2), ("B".to_owned(), 3)]);
+        assert!(matches!(reserve(ctx.db(), "o-1", &items).await.unwrap(), Reservation::Reserved(_)));
+        assert_eq!(levels(&mut ctx).await, [("A".into(), 8, 2), ("B".into(), 7, 3)]);
+        (store, ctx)
+    }
+
+    fn ended(lines: &[OrderItem]) -> Vec<(&str, u32)> {
+        lines.iter().map(|l| (l.sku.as_str(), l.quantity)).collect()
+    }
+
+    /// SQLite ends the lines and moves their stock in one query: only the call that ended them
+    /// moves it, whatever comes after.
+    #[tokio::test]
+    async fn stock_moves_once_for_the_call_that_ends_the_reservation() {
+        let (_store, mut ctx) = reserved().await;
+        assert_eq!(ended(&end_reservation(ctx.db(), "o-1", false).await.unwrap()), [("A", 2), ("B", 3)]);
+        assert_eq!(levels(&mut ctx).await, [("A".into(), 8, 0), ("B".into(), 7, 0)], "sold: out of reserved");
+        for release in [false, true] {
+            assert!(end_reservation(ctx.db(), "o-1", release).await.unwrap().is_empty(), "already ended");
+            assert_eq!(levels(&mut ctx).await, [("A".into(), 8, 0), ("B".into(), 7, 0)], "unchanged");
+        }
+
+        let (_store, mut ctx) = reserved().await;
+        assert_eq!(ended(&end_reservation(ctx.db(), "o-1", true).await.unwrap()), [("A", 2), ("B", 3)]);
+        assert_eq!(levels(&mut ctx).await, [("A".into(), 10, 0), ("B".into(), 10, 0)], "released: back to available");
+        for release in [true, false] {
+            assert!(end_reservation(ctx.db(), "o-1", release).await.unwrap().is_empty(), "already ended");
+            assert_eq!(levels(&mut ctx).await, [("A".into(), 10, 0), ("B".into(), 10, 0)], "unchanged");
+        }
+        assert!(end_reservation(ctx.db(), "o-2", false).await.unwrap().is_empty(), "nothing reserved");
+    }
 }
