@@ -1,8 +1,13 @@
 //! Stock operations inside a delivery's transaction. Every change is a conditional UPDATE
 //! (`available >= quantity`), atomic in both SQLite and PostgreSQL, so concurrent orders can
-//! never oversell; SKUs are always locked in sorted order so two orders cannot deadlock.
+//! never oversell. On PostgreSQL an order's SKUs are changed one at a time, in sorted order, so
+//! two orders cannot deadlock; SQLite has one writer, and changes them all in one query (one
+//! round trip to sqlx's worker thread).
 
-use std::{collections::BTreeMap, sync::LazyLock};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::LazyLock,
+};
 
 use sluice::events::{OrderItem, PricedLine};
 use sluice::store::placeholders;
@@ -29,42 +34,53 @@ pub enum Reservation {
 
 /// Holds every line of an order, or none of them.
 pub async fn reserve(db: &mut AnyConnection, order_id: &str, items: &BTreeMap<String, i64>) -> Result<Reservation, sqlx::Error> {
-    let mut held: Vec<PricedLine> = Vec::new();
-    let mut unavailable = Vec::new();
-    for (sku, quantity) in items {
-        let taken = sqlx::query(
-            "UPDATE inventory_items SET available = available - $1, reserved = reserved + $1 WHERE sku = $2 AND available >= $1 \
-             RETURNING name, price_cents",
-        )
-        .bind(*quantity)
-        .bind(sku)
-        .fetch_optional(&mut *db)
-        .await?;
-        let Some(row) = taken else {
-            unavailable.push(sku.clone());
-            continue;
-        };
-        let unit: i64 = row.try_get("price_cents")?;
-        held.push(PricedLine {
-            sku: sku.clone(),
-            name: row.try_get("name")?,
-            quantity: u32::try_from(*quantity).unwrap_or(u32::MAX),
-            unit_price_cents: unit,
-            line_total_cents: unit.saturating_mul(*quantity),
-        });
+    let sqlite = Backend::of(db) == Backend::Sqlite;
+    // The (SKU, name, unit price) of each line taken.
+    let mut taken: HashMap<String, (String, i64)> = HashMap::new();
+    if sqlite {
+        // Every line and, if all were taken, their reservation rows, in one query.
+        let lines = serde_json::Value::Array(items.iter().map(|(sku, quantity)| serde_json::json!([sku, quantity])).collect());
+        for row in sqlx::query(RESERVE_SQLITE).bind(lines.to_string()).bind(order_id).fetch_all(&mut *db).await? {
+            taken.insert(row.try_get("sku")?, (row.try_get("name")?, row.try_get("price_cents")?));
+        }
+    } else {
+        // One SKU at a time, in sorted order: the lock order of every stock change.
+        for (sku, quantity) in items {
+            let row = sqlx::query(
+                "UPDATE inventory_items SET available = available - $1, reserved = reserved + $1 WHERE sku = $2 AND available >= $1 \
+                 RETURNING name, price_cents",
+            )
+            .bind(*quantity)
+            .bind(sku)
+            .fetch_optional(&mut *db)
+            .await?;
+            if let Some(row) = row {
+                taken.insert(sku.clone(), (row.try_get("name")?, row.try_get("price_cents")?));
+            }
+        }
     }
+    let unavailable: Vec<String> = items.keys().filter(|sku| !taken.contains_key(*sku)).cloned().collect();
     if !unavailable.is_empty() {
         // Give back what this order took; the transaction still commits (inbox + rejection).
-        for line in &held {
-            sqlx::query("UPDATE inventory_items SET available = available + $1, reserved = reserved - $1 WHERE sku = $2")
-                .bind(i64::from(line.quantity))
-                .bind(&line.sku)
-                .execute(&mut *db)
-                .await?;
+        for (sku, quantity) in items.iter().filter(|(sku, _)| taken.contains_key(*sku)) {
+            sqlx::query(RELEASE_SQL).bind(*quantity).bind(sku).execute(&mut *db).await?;
         }
         return Ok(Reservation::Unavailable(unavailable));
     }
-    if !held.is_empty() {
+    let held: Vec<PricedLine> = items
+        .iter()
+        .filter_map(|(sku, quantity)| {
+            let (name, unit) = taken.remove(sku)?;
+            Some(PricedLine {
+                sku: sku.clone(),
+                name,
+                quantity: u32::try_from(*quantity).unwrap_or(u32::MAX),
+                unit_price_cents: unit,
+                line_total_cents: unit.saturating_mul(*quantity),
+            })
+        })
+        .collect();
+    if !sqlite && !held.is_empty() {
         // Every line in one statement.
         let sql = format!("INSERT INTO inventory_reservations (order_id, sku, quantity, state) VALUES {}", placeholders(held.len(), 4));
         let mut insert = sqlx::query(&sql);
@@ -76,14 +92,23 @@ pub async fn reserve(db: &mut AnyConnection, order_id: &str, items: &BTreeMap<St
     Ok(Reservation::Reserved(held))
 }
 
+/// SQLite: takes every line of `$1` (a JSON array of `[sku, quantity]`) that is in stock, returns
+/// the SKU, name and price of each line taken, and writes the reservation rows of order `$2`
+/// only if it took them all (`changes()` counts the lines the UPDATE took).
+const RESERVE_SQLITE: &str = "UPDATE inventory_items SET available = available - (i.value ->> 1), reserved = reserved + (i.value ->> 1) \
+     FROM json_each($1) AS i WHERE inventory_items.sku = i.value ->> 0 AND inventory_items.available >= (i.value ->> 1) \
+     RETURNING sku, name, price_cents; \
+     INSERT INTO inventory_reservations (order_id, sku, quantity, state) \
+     SELECT $2, value ->> 0, value ->> 1, 'reserved' FROM json_each($1) WHERE changes() = json_array_length($1)";
+
 /// Ends an order's reservations: `released` returns stock to `available`, `committed` drops
 /// it from `reserved` (it was sold). Returns the lines it ended, sorted by SKU; empty if already
 /// ended.
 pub async fn end_reservation(db: &mut AnyConnection, order_id: &str, release: bool) -> Result<Vec<OrderItem>, sqlx::Error> {
     let state = if release { "released" } else { "committed" };
     let rows = if Backend::of(db) == Backend::Sqlite {
-        // One round trip: SQLite has one writer, so no lock order to keep. `changes()` is the
-        // count of the first statement: the stock moves only if this call ended the lines.
+        // In one query. `changes()` is the count of the first statement: the stock moves only
+        // if this call ended the lines.
         let sql: &str = if release { &END_AND_RELEASE_SQLITE } else { &END_AND_COMMIT_SQLITE };
         ended_lines(sqlx::query(sql).bind(state).bind(order_id).fetch_all(&mut *db).await?)?
     } else {
@@ -153,6 +178,29 @@ mod tests {
         assert!(matches!(reserve(ctx.db(), "o-1", &items).await.unwrap(), Reservation::Reserved(_)));
         assert_eq!(levels(&mut ctx).await, [("A".into(), 8, 2), ("B".into(), 7, 3)]);
         (store, ctx)
+    }
+
+    /// An order that cannot be held in full holds nothing: an unknown SKU, or one short of stock.
+    #[tokio::test]
+    async fn a_line_that_cannot_be_taken_leaves_every_line_as_it_was() {
+        let (_store, mut ctx) = reserved().await;
+        let before = levels(&mut ctx).await;
+        for (missing, items) in [
+            ("Z", BTreeMap::from([("A".to_owned(), 1), ("Z".to_owned(), 1)])),
+            ("B", BTreeMap::from([("A".to_owned(), 1), ("B".to_owned(), 8)])),
+        ] {
+            match reserve(ctx.db(), "o-2", &items).await.unwrap() {
+                Reservation::Unavailable(skus) => assert_eq!(skus, [missing]),
+                Reservation::Reserved(lines) => panic!("held {lines:?}"),
+            }
+            assert_eq!(levels(&mut ctx).await, before, "nothing taken");
+            assert!(end_reservation(ctx.db(), "o-2", true).await.unwrap().is_empty(), "no reservation rows");
+        }
+        let items = BTreeMap::from([("A".to_owned(), 8), ("B".to_owned(), 7)]);
+        let Reservation::Reserved(lines) = reserve(ctx.db(), "o-2", &items).await.unwrap() else { panic!("the rest of the stock is held") };
+        let priced: Vec<_> = lines.iter().map(|l| (l.sku.as_str(), l.name.as_str(), l.quantity, l.unit_price_cents, l.line_total_cents)).collect();
+        assert_eq!(priced, [("A", "a", 8, 100, 800), ("B", "b", 7, 50, 350)]);
+        assert_eq!(levels(&mut ctx).await, [("A".into(), 0, 10), ("B".into(), 0, 10)]);
     }
 
     fn ended(lines: &[OrderItem]) -> Vec<(&str, u32)> {
