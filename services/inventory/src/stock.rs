@@ -10,8 +10,7 @@ use std::{
 };
 
 use sluice::events::{OrderItem, PricedLine};
-use sluice::store::placeholders;
-use sluice::store::Backend;
+use sluice::store::{Backend, placeholders};
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
 /// Quantities per SKU, merged and sorted (the lock order).
@@ -81,7 +80,7 @@ pub async fn reserve(db: &mut AnyConnection, order_id: &str, items: &BTreeMap<St
         })
         .collect();
     if !sqlite && !held.is_empty() {
-        // Every line in one statement.
+        // Every line in one statement (SQLite's query wrote them already).
         let sql = format!("INSERT INTO inventory_reservations (order_id, sku, quantity, state) VALUES {}", placeholders(held.len(), 4));
         let mut insert = sqlx::query(&sql);
         for line in &held {
