@@ -128,28 +128,13 @@ struct Offered {
 }
 
 /// Offers `load.rate` orders per second for `warmup + duration`, waits for every accepted
-/// order to complete, and checks the outcome.
-///
-/// The load generator (callers, tap and ledger) runs on a thread of its own with a
-/// single-threaded runtime: on a multi-threaded one, its two workers woke each other for every
-/// call and every tick, and the thread switches made up a third of its CPU, taken from the
-/// cores the platform shares with it.
+/// order to complete, and checks the outcome. The load generator (callers, tap and ledger) runs
+/// on a thread of its own ([`crate::on_own_thread`]).
 pub async fn run(addr: SocketAddr, vhost: &Vhost, load: &Load) -> anyhow::Result<EndToEnd> {
     let (url, generator_load) = (vhost.url(), load.clone());
     let queues = vhost.service_queues(crate::baseline::EXCHANGE).context("listing the services' queues")?;
-    let (done, offered) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("e2e-load".into())
-        .spawn(move || {
-            let outcome = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the load generator's runtime")
-                .and_then(|runtime| runtime.block_on(offer(addr, &url, &queues, &generator_load)));
-            let _ = done.send(outcome);
-        })
-        .context("starting the load generator's thread")?;
-    let Offered { ledger, backlog, sent_in_window, drained_in, queued } = offered.await.context("the load generator's thread died")??;
+    let generator = move || async move { offer(addr, &url, &queues, &generator_load).await };
+    let Offered { ledger, backlog, sent_in_window, drained_in, queued } = crate::on_own_thread("e2e-load", generator).await?;
     let check = check(addr, vhost, &ledger, load.drain_timeout).await?;
     let duration = load.duration.as_secs_f64();
     Ok(EndToEnd {

@@ -170,6 +170,33 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Runs a load generator (`generator()`'s future) on a thread of its own with a single-threaded
+/// runtime, and waits for what it returns. On this tool's two-worker runtime the workers woke
+/// each other for every call, and those thread switches were CPU taken from the cores the
+/// broker and the platform share with the tool (docs/benchmarks.md). Every scenario's generator
+/// runs this way, the baseline's raw publisher as much as the gRPC callers, so that the ratios
+/// compare like with like.
+pub async fn on_own_thread<T, F, Fut>(name: &str, generator: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the load generator's runtime")
+                .and_then(|runtime| runtime.block_on(generator()));
+            let _ = done.send(outcome);
+        })
+        .context("starting the load generator's thread")?;
+    outcome.await.context("the load generator's thread died")?
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg").map_or_else(|_| "?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
@@ -201,7 +228,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 eprintln!("broker baseline: {queues} queue(s), {window} in flight, {channels} channel(s)");
                 settle().await;
                 let usage = Spent::start(&platform, &sink);
-                baselines.push(baseline::run(&vhost.url(), window, channels, queues, Message::Plain, args.warmup, args.duration).await?);
+                let (url, warmup, duration) = (vhost.url(), args.warmup, args.duration);
+                let generator = move || async move { baseline::run(&url, window, channels, queues, Message::Plain, warmup, duration).await };
+                baselines.push(on_own_thread("baseline", generator).await?);
                 usage.report();
             }
         }
@@ -212,7 +241,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         eprintln!("broker baseline: 3 queues, {window} in flight, the gateway's order.created");
         settle().await;
         let usage = Spent::start(&platform, &sink);
-        baselines.push(baseline::run(&vhost.url(), window, 1, 3, Message::Gateway, args.warmup, args.duration).await?);
+        let (url, warmup, duration) = (vhost.url(), args.warmup, args.duration);
+        let generator = move || async move { baseline::run(&url, window, 1, 3, Message::Gateway, warmup, duration).await };
+        baselines.push(on_own_thread("baseline", generator).await?);
         usage.report();
     }
     let ceiling = |queues: usize, message: Message| {
@@ -265,7 +296,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         eprintln!("unary {method:?}: {concurrency} in flight");
         settle().await;
         let usage = Spent::start(&platform, &sink);
-        let result = unary::run(platform.grpc_addr, method, concurrency, args.connections, args.warmup, args.duration).await?;
+        let (addr, connections, warmup, duration) = (platform.grpc_addr, args.connections, args.warmup, args.duration);
+        let generator = move || unary::run(addr, method, concurrency, connections, warmup, duration);
+        let result = on_own_thread("unary", generator).await?;
         usage.report();
         let check = delivered(&channel, &order_created, result.accepted, result.failed).await?;
         match method {
@@ -279,7 +312,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         eprintln!("PublishStream: {window} in flight");
         settle().await;
         let usage = Spent::start(&platform, &sink);
-        let result = stream::run(platform.grpc_addr, window, args.stream_padding, args.warmup, args.duration).await?;
+        let (addr, padding, warmup, duration) = (platform.grpc_addr, args.stream_padding, args.warmup, args.duration);
+        let result = on_own_thread("stream", move || stream::run(addr, window, padding, warmup, duration)).await?;
         usage.report();
         let check = delivered(&channel, &order_created, result.accepted, result.failed).await?;
         streams.push((window, result, check));
