@@ -97,6 +97,18 @@ impl<T: Send + Sync + 'static> Link<T> {
     }
 }
 
+impl Link<lapin::Channel> {
+    /// Closes the link's channel, if it is up, waiting at most [`CLOSE_TIMEOUT`] (`who` and
+    /// `what` name it in the log), then the link.
+    pub(crate) async fn close_with_channel(self, who: &str, what: &str) {
+        let state = self.state.borrow().clone();
+        if let LinkState::Up { value: channel, .. } = state {
+            closed(who, what, channel.close(200, "shutdown".into())).await;
+        }
+        self.close().await;
+    }
+}
+
 struct Supervisor<S: Session> {
     url: String,
     name: String,

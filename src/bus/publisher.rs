@@ -189,11 +189,7 @@ impl Publisher {
     /// outstanding confirms are owned by their callers, so nothing is cut short.
     pub async fn close(&self) {
         if let Some(link) = self.inner.link.lock().await.take() {
-            let state = self.inner.state.borrow().clone();
-            if let LinkState::Up { value: channel, .. } = state {
-                super::connection::closed(&self.inner.app_id, "closing the publishing channel", channel.close(200, "shutdown".into())).await;
-            }
-            link.close().await;
+            link.close_with_channel(&self.inner.app_id, "closing the publishing channel").await;
         }
     }
 }

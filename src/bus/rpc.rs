@@ -163,11 +163,7 @@ impl RpcClient {
     /// Closes the connection.
     pub async fn close(&self) {
         if let Some(link) = self.link.lock().await.take() {
-            let state = self.state.borrow().clone();
-            if let LinkState::Up { value: channel, .. } = state {
-                super::connection::closed("rpc", "closing the request channel", channel.close(200, "shutdown".into())).await;
-            }
-            link.close().await;
+            link.close_with_channel("rpc", "closing the request channel").await;
         }
     }
 }
