@@ -13,11 +13,14 @@
 //!
 //! Batches (SQLite by default, see [`BusConfig::batch`]): the deliveries that are waiting when a
 //! queue's worker is free (at most the batch size) run one after the other in one transaction,
-//! with one statement for all their inbox records and one for all the events they emit. If
-//! every handler succeeds, the batch commits and is acknowledged in one frame. If one fails (or
-//! panics), the transaction rolls back, that delivery alone gets its outcome above, and the
-//! others run again in one transaction with a savepoint each: a failed handler there rolls back
-//! to its savepoint and gets its outcome, the rest commit together. If a handler panics in
+//! with one statement for all their inbox records, one for all the events they emit and one for
+//! all the rows they give each statement of [`Context::write`]. If every handler succeeds, the
+//! batch commits and is acknowledged in one frame. If one fails (or panics), the transaction
+//! rolls back, that delivery alone gets its outcome above, and the others run again in one
+//! transaction with a savepoint each, their rows written one delivery at a time: a failed
+//! handler (or row) there rolls back to its savepoint and gets its outcome, the rest commit
+//! together. If the rows fail to write, every delivery of the batch runs again that way, so
+//! the failure is the one delivery's whose row failed. If a handler panics in
 //! that second pass, the transaction rolls back once more: the panicking delivery is retried and
 //! the others run again, each in its own transaction. A handler may so run up to three times for
 //! one delivery, but its effects commit once. Deliveries of a batch not yet started when
@@ -212,6 +215,10 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                     outcomes[*i] = Some(outcome);
                 }
             }
+            Pass::Rewrite(error) => {
+                tracing::debug!(%error, "writing a batch's rows failed: each delivery runs again with a savepoint");
+                self.run_savepoints(prepared, shared, intake, outcomes).await;
+            }
             Pass::Unavailable(error) => {
                 for (i, _, _, span) in &prepared {
                     let outcome = Outcome::Retry(error.clone());
@@ -232,7 +239,8 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
     }
 
     /// The usual case of a batch, in as few statements as possible: one transaction, one
-    /// statement for every inbox claim, the handlers, one statement for every outbox row, commit.
+    /// statement for every inbox claim, the handlers, one for the rows of each of their
+    /// [`Context::write`] statements, one for every outbox row, commit.
     /// Stops at the first failed (or panicking) handler and rolls everything back.
     async fn run_optimistic(&self, prepared: &[(usize, E, Metadata, tracing::Span)], shared: &Shared, intake: &CancellationToken) -> Pass {
         let ids: Vec<&str> = prepared.iter().map(|(_, _, meta, _)| meta.event_id.as_str()).collect();
@@ -242,6 +250,7 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
         };
         let mut results = Vec::with_capacity(prepared.len());
         let mut emitted = Vec::new();
+        let mut written = store::Written::new();
         for (at, (_, event, meta, span)) in prepared.iter().enumerate() {
             if intake.is_cancelled() {
                 // Shutdown: the rest stay unacknowledged, so their claims must not commit.
@@ -258,18 +267,23 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
                 results.push(Outcome::Ack);
                 continue;
             }
-            let (back, mut events, called) = self.call(tx, event.clone(), meta.clone()).instrument(span.clone()).await;
+            let (back, mut events, rows, called) = self.call(tx, event.clone(), meta.clone()).instrument(span.clone()).await;
             tx = back;
             match called {
                 Called::Ok => {
                     emitted.append(&mut events);
+                    store::add_rows(&mut written, rows);
                     results.push(Outcome::Ack);
                 }
                 Called::Failed(outcome) | Called::Panicked(outcome) => return Pass::Failed { at, outcome },
             }
         }
-        let staged = match store::stage_and_commit(tx, emitted).await {
+        // Which delivery's row failed, if one did, is not known here: each gets its own
+        // savepoint in a second pass, as after a failed handler.
+        let rewrite = !written.is_empty();
+        let staged = match store::stage_and_commit(tx, emitted, written).await {
             Ok(staged) => staged,
+            Err(error) if rewrite => return Pass::Rewrite(format!("writing the handlers' rows, staging emitted events and committing: {error}")),
             Err(error) => return Pass::Unavailable(format!("staging emitted events and committing: {error}")),
         };
         shared.store.committed(staged);
@@ -375,22 +389,23 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
             return Outcome::Ack;
         }
         // Dropping the transaction rolls it back.
-        let (tx, emitted, called) = self.call(tx, event, meta).await;
+        let (tx, emitted, written, called) = self.call(tx, event, meta).await;
+        let what = if written.is_empty() { "staging emitted events and committing" } else { "writing the handler's rows, staging emitted events and committing" };
         match called {
-            Called::Ok => match store::stage_and_commit(tx, emitted).await {
+            Called::Ok => match store::stage_and_commit(tx, emitted, written).await {
                 Ok(staged) => {
                     tracing::debug!(emitted = staged.len(), "handled");
                     shared.store.committed(staged);
                     Outcome::Ack
                 }
-                Err(error) => Outcome::Retry(format!("staging emitted events and committing: {error}")),
+                Err(error) => Outcome::Retry(format!("{what}: {error}")),
             },
             Called::Failed(outcome) | Called::Panicked(outcome) => outcome,
         }
     }
 
     /// The work of one delivery of the savepoint pass inside `tx`: inbox claim, handler (a
-    /// panic caught), outbox rows. Commits nothing.
+    /// panic caught), the rows it wrote, outbox rows. Commits nothing.
     async fn handle_in(&self, mut tx: Tx, event: E, meta: Metadata) -> Handled {
         match store::claim(&mut tx, &meta.event_id, &self.name).await {
             Ok(true) => {}
@@ -400,29 +415,35 @@ impl<E: Event, H: Handler<E>> TypedRoute<E, H> {
             }
             Err(error) => return Handled::Broken(Outcome::Retry(format!("recording the inbox entry: {error}"))),
         }
-        let (mut tx, emitted, called) = self.call(tx, event, meta).await;
+        let (mut tx, emitted, written, called) = self.call(tx, event, meta).await;
         match called {
-            Called::Ok => match store::stage(&mut tx, emitted).await {
-                Ok(staged) => Handled::Done { tx, staged },
-                Err(error) => Handled::Failed { tx, outcome: Outcome::Retry(format!("staging emitted events: {error}")) },
-            },
+            Called::Ok => {
+                if let Err(error) = store::write_rows(&mut tx, written).await {
+                    return Handled::Failed { tx, outcome: Outcome::Retry(format!("writing the handler's rows: {error}")) };
+                }
+                match store::stage(&mut tx, emitted).await {
+                    Ok(staged) => Handled::Done { tx, staged },
+                    Err(error) => Handled::Failed { tx, outcome: Outcome::Retry(format!("staging emitted events: {error}")) },
+                }
+            }
             Called::Failed(outcome) => Handled::Failed { tx, outcome },
             Called::Panicked(outcome) => Handled::Broken(outcome),
         }
     }
 
     /// Calls the handler inside `tx`, in its handler span (a child of the current span), with a
-    /// panic caught. Returns the transaction, the events the handler emitted and what it said.
-    async fn call(&self, tx: Tx, event: E, meta: Metadata) -> (Tx, Vec<Envelope>, Called) {
+    /// panic caught. Returns the transaction, the events the handler emitted, the rows it gave
+    /// to be written and what it said.
+    async fn call(&self, tx: Tx, event: E, meta: Metadata) -> (Tx, Vec<Envelope>, store::Written, Called) {
         let mut ctx = Context::new(tx, meta);
         let result = AssertUnwindSafe(self.handler.handle(event, &mut ctx)).catch_unwind().instrument(spans::handler(&self.name)).await;
-        let (tx, emitted) = ctx.into_parts();
+        let (tx, emitted, written) = ctx.into_parts();
         let called = match result {
             Ok(Ok(())) => Called::Ok,
             Ok(Err(error)) => Called::Failed(handler_failure(error)),
             Err(panic) => Called::Panicked(Outcome::Retry(format!("handler panicked: {}", panic_message(&*panic)))),
         };
-        (tx, emitted, called)
+        (tx, emitted, written, called)
     }
 }
 
@@ -453,6 +474,9 @@ enum Pass {
     Committed(Vec<Outcome>),
     /// The handler of the `at`-th prepared delivery failed: nothing committed.
     Failed { at: usize, outcome: Outcome },
+    /// Writing the rows the handlers gave [`Context::write`] failed (or what followed it):
+    /// nothing committed, and any delivery's row may be the cause.
+    Rewrite(String),
     /// The database failed (begin, inbox, outbox or commit): nothing committed.
     Unavailable(String),
 }

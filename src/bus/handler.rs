@@ -6,7 +6,7 @@ use std::{future::Future, time::Duration};
 
 use sqlx::AnyConnection;
 
-use crate::store::Tx;
+use crate::store::{self, Rows, Tx, Written};
 
 use super::{Rpc, headers::Envelope, topology::kebab_case};
 use crate::events::Event;
@@ -82,24 +82,27 @@ impl Metadata {
 /// A handler's view of one delivery: its metadata, the service database inside the
 /// delivery's transaction, and an outbox for the events it emits.
 ///
-/// Everything done through [`Context::db`] and [`Context::emit`] commits atomically with the
-/// inbox record that marks the delivery as handled, or not at all. Use only `db()` for
+/// Everything done through [`Context::db`], [`Context::write`] and [`Context::emit`] commits
+/// atomically with the inbox record that marks the delivery as handled, or not at all. Use only `db()` for
 /// database work inside a handler: a second connection would escape the transaction (and,
 /// on SQLite, its writes would wait for the delivery's transaction, then fail).
 pub struct Context {
     tx: Tx,
     emitted: Vec<Envelope>,
+    /// Rows given to [`Context::write`], for the bus to write; `None`: written at once.
+    written: Option<Written>,
     meta: Metadata,
 }
 
 impl Context {
     pub(crate) fn new(tx: Tx, meta: Metadata) -> Self {
-        Self { tx, emitted: Vec::new(), meta }
+        Self { tx, emitted: Vec::new(), written: Some(Written::new()), meta }
     }
 
-    /// A context over a fresh transaction of `store`, for unit tests of handlers.
+    /// A context over a fresh transaction of `store`, for unit tests of handlers. Its
+    /// [`Context::write`] writes at once, so that a test reads what its handler wrote.
     pub async fn for_test(store: &crate::store::Store, event_id: &str) -> Result<Self, sqlx::Error> {
-        Ok(Self::new(Tx::Pooled(store.pool().begin().await?), Metadata::for_test(event_id)))
+        Ok(Self { written: None, ..Self::new(Tx::Pooled(store.pool().begin().await?), Metadata::for_test(event_id)) })
     }
 
     /// The database, inside this delivery's transaction.
@@ -128,13 +131,29 @@ impl Context {
         self
     }
 
+    /// Writes `row` with `statement`, in this delivery's transaction: for a handler whose
+    /// statement returns nothing it needs. The bus runs the statement once for the rows every
+    /// handler of the transaction gave it, before the commit (see [`Rows`]): a batch of
+    /// deliveries makes one round trip to the database for all of them, not one each. So the
+    /// row is not there yet for this handler to read back; a failure to write it is the
+    /// delivery's (retried, as a database error is), and rolls back nothing else.
+    pub async fn write(&mut self, statement: &'static Rows, row: serde_json::Value) -> Result<(), sqlx::Error> {
+        match &mut self.written {
+            Some(written) => {
+                store::add_row(written, statement, row);
+                Ok(())
+            }
+            None => store::write_rows(&mut self.tx, vec![(statement, vec![row])]).await,
+        }
+    }
+
     /// Events emitted so far.
     pub fn emitted(&self) -> &[Envelope] {
         &self.emitted
     }
 
-    pub(crate) fn into_parts(self) -> (Tx, Vec<Envelope>) {
-        (self.tx, self.emitted)
+    pub(crate) fn into_parts(self) -> (Tx, Vec<Envelope>, Written) {
+        (self.tx, self.emitted, self.written.unwrap_or_default())
     }
 }
 

@@ -334,6 +334,76 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
     Ok(())
 }
 
+/// A statement that writes rows for handlers (see [`crate::bus::Context::write`]). The bus runs
+/// it once per transaction, for every row the transaction's handlers gave it, after the last
+/// handler and before the commit (on SQLite in the commit's own query), so that a batch's
+/// handlers make one round trip to the database between them instead of one each.
+///
+/// Its one parameter, `$1`, is the rows as a JSON array, each row the JSON value a handler
+/// gave (an array of its columns, say): SQLite reads it with `json_each($1)` (`value ->> 0`,
+/// ...), PostgreSQL with `json_array_elements($1::JSON)`. It must return no rows. The rows of
+/// one statement are in the order they were given, and statements run in the order each was
+/// first given a row.
+#[derive(Debug)]
+pub struct Rows {
+    sqlite: String,
+    postgres: String,
+    /// SQLite: the statement, then `COMMIT`.
+    sqlite_then_commit: String,
+    /// SQLite: the statement, the outbox's insert (`$2`, `$3`), then `COMMIT`.
+    sqlite_then_stage_and_commit: String,
+}
+
+impl Rows {
+    /// The statement, as SQLite and as PostgreSQL write it.
+    pub fn new(sqlite: impl Into<String>, postgres: impl Into<String>) -> Self {
+        let sqlite = sqlite.into();
+        Self {
+            sqlite_then_commit: format!("{sqlite}; COMMIT"),
+            sqlite_then_stage_and_commit: format!("{sqlite}; {}; COMMIT", sqlite_stage_sql!("$2", "$3")),
+            sqlite,
+            postgres: postgres.into(),
+        }
+    }
+
+    /// The statement as `backend` writes it (to run it by hand, as a test does).
+    pub fn sql(&self, backend: Backend) -> &str {
+        match backend {
+            Backend::Sqlite => &self.sqlite,
+            Backend::Postgres => &self.postgres,
+        }
+    }
+}
+
+/// Rows given to [`Rows`] statements, by statement, in the order each was first given one.
+pub(crate) type Written = Vec<(&'static Rows, Vec<serde_json::Value>)>;
+
+/// Adds `row` to the rows of `statement`.
+pub(crate) fn add_row(written: &mut Written, statement: &'static Rows, row: serde_json::Value) {
+    match written.iter_mut().find(|(s, _)| std::ptr::eq(*s, statement)) {
+        Some((_, rows)) => rows.push(row),
+        None => written.push((statement, vec![row])),
+    }
+}
+
+/// Adds every row of `more` after those of `written`.
+pub(crate) fn add_rows(written: &mut Written, more: Written) {
+    for (statement, rows) in more {
+        for row in rows {
+            add_row(written, statement, row);
+        }
+    }
+}
+
+/// Runs each statement of `written` once, with its rows, in the caller's transaction.
+pub(crate) async fn write_rows(tx: &mut AnyConnection, written: Written) -> Result<(), sqlx::Error> {
+    let backend = Backend::of(tx);
+    for (statement, rows) in written {
+        sqlx::query(statement.sql(backend)).bind(json_array(rows)).execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 /// Rows per multi-row statement on PostgreSQL: far below its bound-parameter limit (65,535) at
 /// the widest row (9 columns). SQLite takes all rows in one JSON parameter ([`json_array`]).
 const ROWS_PER_STATEMENT: usize = 500;
@@ -346,7 +416,7 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: Vec<Envelope>) -> R
         return Ok(Vec::new());
     }
     if Backend::of(tx) == Backend::Sqlite {
-        let rows = sqlite_stage(sqlite_stage_sql!(), &envelopes).fetch_all(&mut *tx).await?;
+        let rows = bind_stage(sqlx::query(sqlite_stage_sql!("$1", "$2")), &envelopes).fetch_all(&mut *tx).await?;
         return with_seqs(envelopes, rows);
     }
     let now = unix_millis();
@@ -374,15 +444,33 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: Vec<Envelope>) -> R
     with_seqs(envelopes, rows)
 }
 
-/// Writes emitted events to the outbox and commits (see [`stage`]); on SQLite in one query.
-pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>) -> Result<Vec<Staged>, sqlx::Error> {
+/// Writes the rows handlers gave [`Rows`] statements and the events they emitted (see
+/// [`write_rows`] and [`stage`]), and commits. On SQLite in one query when the rows are of one
+/// statement (or none), the usual case: `BEGIN` travels with the inbox claim, so such a
+/// transaction costs two round trips to sqlx's worker thread whatever its handlers wrote.
+pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>, rows: Written) -> Result<Vec<Staged>, sqlx::Error> {
     match tx {
-        Tx::Held(mut writer) if !envelopes.is_empty() => {
-            let rows = sqlite_stage(concat!(sqlite_stage_sql!(), "; COMMIT"), &envelopes).fetch_all(&mut writer.conn).await?;
+        Tx::Held(mut writer) if rows.len() <= 1 && !(rows.is_empty() && envelopes.is_empty()) => {
+            let returned = match rows.into_iter().next() {
+                None => {
+                    let query = sqlx::query(concat!(sqlite_stage_sql!("$1", "$2"), "; COMMIT"));
+                    bind_stage(query, &envelopes).fetch_all(&mut writer.conn).await?
+                }
+                Some((statement, rows)) if envelopes.is_empty() => {
+                    sqlx::query(&statement.sqlite_then_commit).bind(json_array(rows)).execute(&mut writer.conn).await?;
+                    Vec::new()
+                }
+                // The statement's `$1`, then the outbox's `$2` and `$3`; only the outbox returns rows.
+                Some((statement, rows)) => {
+                    let query = sqlx::query(&statement.sqlite_then_stage_and_commit).bind(json_array(rows));
+                    bind_stage(query, &envelopes).fetch_all(&mut writer.conn).await?
+                }
+            };
             writer.open = false;
-            with_seqs(envelopes, rows)
+            with_seqs(envelopes, returned)
         }
         mut tx => {
+            write_rows(&mut tx, rows).await?;
             let staged = stage(&mut tx, envelopes).await?;
             tx.commit().await?;
             Ok(staged)
@@ -390,18 +478,23 @@ pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>) -> Result
     }
 }
 
-/// SQLite's statement of [`stage`], a macro for `concat!`.
+/// SQLite's statement of [`stage`], its two parameters named, a macro for `concat!`.
 macro_rules! sqlite_stage_sql {
-    () => {
-        "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, unhex(value ->> 7), $2 \
-         FROM json_each($1) RETURNING seq, event_id"
+    ($rows:literal, $now:literal) => {
+        concat!(
+            "INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, unhex(value ->> 7), ",
+            $now,
+            " FROM json_each(",
+            $rows,
+            ") RETURNING seq, event_id"
+        )
     };
 }
 use sqlite_stage_sql;
 
-/// `sql` (beginning with SQLite's outbox insert) with `envelopes` bound.
-fn sqlite_stage<'q>(sql: &'q str, envelopes: &[Envelope]) -> Query<'q, sqlx::Any, AnyArguments<'q>> {
+/// `query` with the two parameters of SQLite's outbox insert bound next: `envelopes` and the time.
+fn bind_stage<'q>(query: Query<'q, sqlx::Any, AnyArguments<'q>>, envelopes: &[Envelope]) -> Query<'q, sqlx::Any, AnyArguments<'q>> {
     let rows = json_array(envelopes.iter().map(|e| {
         serde_json::json!([
             e.event_id,
@@ -414,7 +507,7 @@ fn sqlite_stage<'q>(sql: &'q str, envelopes: &[Envelope]) -> Query<'q, sqlx::Any
             hex(&e.body),
         ])
     }));
-    sqlx::query(sql).bind(rows).bind(unix_millis())
+    query.bind(rows).bind(unix_millis())
 }
 
 /// Pairs each envelope with the `seq` of its row, from the insert's `RETURNING seq, event_id`

@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,18 +17,26 @@ use sluice::bus::{Consumer, Context, Envelope, Handler, HandlerError, Publisher,
 use sluice::config::BusConfig;
 use sluice::events::OrderCreated;
 use sluice::shutdown::Shutdown;
-use sluice::store::{Migration, Store};
+use sluice::store::{Migration, Rows, Store};
 use sqlx::Row;
 use tokio::sync::Semaphore;
 
 use crate::support::{broker, database::{Backend, Databases}, eventually, take_next};
 
-const EFFECTS: &[Migration] = &[Migration {
-    version: 100,
-    description: "effects",
-    // No unique key on purpose: a second effect of one event would show as a second row.
-    sql: "CREATE TABLE effects (event_id TEXT NOT NULL, attempt BIGINT NOT NULL)",
-}];
+const EFFECTS: &[Migration] = &[
+    Migration {
+        version: 100,
+        description: "effects",
+        // No unique key on purpose: a second effect of one event would show as a second row.
+        sql: "CREATE TABLE effects (event_id TEXT NOT NULL, attempt BIGINT NOT NULL)",
+    },
+    Migration {
+        version: 101,
+        description: "rows written by the bus for handlers",
+        // Poison refused, and again no unique key.
+        sql: "CREATE TABLE written (event_id TEXT NOT NULL CHECK (event_id NOT LIKE 'poison%'))",
+    },
+];
 
 /// Every call of the handler: event id → (attempt, when).
 type Calls = Arc<Mutex<HashMap<String, Vec<(u32, Instant)>>>>;
@@ -115,12 +123,12 @@ impl Rig {
         Self { bus, store, publisher, _databases: databases, _vhost: vhost, _broker: guard }
     }
 
-    async fn start(&self, handler: Flaky) -> Consumer {
+    async fn start(&self, handler: impl Handler<OrderCreated>) -> Consumer {
         Consumer::builder("test", &self.bus, &self.store).on(handler).start().await.unwrap()
     }
 
     /// Starts a consumer with `handler` and runs it until the returned value is stopped.
-    async fn run(&self, handler: Flaky) -> Running {
+    async fn run(&self, handler: impl Handler<OrderCreated>) -> Running {
         let consumer = self.start(handler).await;
         let shutdown = Shutdown::new();
         let task = tokio::spawn(consumer.run(shutdown.clone()));
@@ -297,6 +305,89 @@ async fn a_batch_commits_each_good_delivery_once_and_fails_only_the_bad_ones() {
     running.stop().await;
 }
 
+/// Gives its event id to `Context::write`, for a row of `written`; each call first waits for a
+/// permit of its gate.
+#[derive(Clone)]
+struct RowWriter {
+    calls: Arc<Mutex<HashMap<String, usize>>>,
+    gate: Arc<Semaphore>,
+}
+
+static WRITTEN: LazyLock<Rows> = LazyLock::new(|| {
+    Rows::new(
+        "INSERT INTO written (event_id) SELECT value ->> 0 FROM json_each($1)",
+        "INSERT INTO written (event_id) SELECT r ->> 0 FROM json_array_elements($1::JSON) AS j(r)",
+    )
+});
+
+impl Handler<OrderCreated> for RowWriter {
+    fn name(&self) -> String {
+        "row-writer".into()
+    }
+
+    async fn handle(&self, _event: OrderCreated, ctx: &mut Context) -> Result<(), HandlerError> {
+        let id = ctx.meta().event_id.clone();
+        *self.calls.lock().unwrap().entry(id.clone()).or_default() += 1;
+        let _permit = self.gate.acquire().await.map_err(HandlerError::retry)?;
+        ctx.write(&WRITTEN, serde_json::json!([id])).await?;
+        Ok(())
+    }
+}
+
+/// Rows given to `Context::write` are written for a whole batch at once, before its commit. A
+/// row the database refuses fails its own delivery only: the batch runs again with a savepoint
+/// per delivery, the others commit once each, and the refused one is retried, then
+/// dead-lettered with the database's error.
+async fn rows_written_for_a_batch_commit_once_and_a_refused_row_fails_only_its_delivery(backend: Backend) {
+    let rig = Rig::new(backend, |bus| {
+        bus.retry.base = Duration::from_millis(200);
+        bus.retry.max_attempts = 2;
+        bus.batch = Some(64); // PostgreSQL too (it runs one delivery at a time by default)
+        bus.prefetch = Some(64);
+    })
+    .await;
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = RowWriter { calls: Arc::default(), gate: gate.clone() };
+    rig.run(handler.clone()).await.stop().await; // declares the queue
+    let ids: Vec<String> = (0..30).map(|i| if i == 10 { "poison-1".to_owned() } else { format!("good-{i}") }).collect();
+    for id in &ids {
+        rig.publish(id).await;
+    }
+    // The first delivery holds at the gate until the broker has sent the rest, which then
+    // wait together: a batch.
+    let running = rig.run(handler.clone()).await;
+    let mut last = None;
+    eventually(|| async { Some(rig.ready("test.row-writer").await) }, |n| *n == 0, &mut last).await.expect("all delivered");
+    gate.add_permits(10_000);
+
+    let connection = Connection::connect(&rig.bus.url, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let dead = take_next(&channel, "test.row-writer.dlq").await;
+    assert_eq!(dead.properties.message_id().as_ref().map(|s| s.as_str()), Some("poison-1"));
+    let error = headers::header_str(dead.properties.headers().as_ref().unwrap(), headers::DEAD_LETTER_ERROR).unwrap_or_default().to_owned();
+    assert!(error.contains("writing the handler's rows"), "the database's refusal is the dead letter's error: {error}");
+    let written = |id: String| {
+        let pool = rig.store.pool().clone();
+        async move {
+            sqlx::query("SELECT COUNT(*) AS n FROM written WHERE event_id = $1").bind(id).fetch_one(&pool).await.unwrap().try_get::<i64, _>("n").unwrap()
+        }
+    };
+    let mut last = None;
+    eventually(|| async { Some(written("good-29".into()).await) }, |n| *n == 1, &mut last).await.expect("the last good is written");
+    for id in ids.iter().filter(|id| *id != "poison-1") {
+        assert_eq!(written(id.clone()).await, 1, "{id}: one row");
+    }
+    let calls = handler.calls.lock().unwrap().clone();
+    assert_eq!(calls["poison-1"], 3, "the batch, its savepoint pass, and the retry: {calls:?}");
+    assert!(
+        calls.iter().any(|(id, n)| id.starts_with("good") && *n == 2),
+        "the poison's companions ran again, each in its savepoint, so the batch had rows of several: {calls:?}"
+    );
+    assert_eq!(rig.ready("test.row-writer").await, 0, "everything was acknowledged");
+    connection.close(200, "done".into()).await.unwrap();
+    running.stop().await;
+}
+
 /// Holds the database (its transaction is open while it runs) until its gate opens.
 #[derive(Clone)]
 struct Holder {
@@ -413,7 +504,10 @@ async fn a_query_does_not_wait_for_a_running_transaction() {
     running.stop().await;
 }
 
-crate::on_both_backends!(an_event_a_crash_left_in_the_outbox_is_published_at_start);
+crate::on_both_backends!(
+    an_event_a_crash_left_in_the_outbox_is_published_at_start,
+    rows_written_for_a_batch_commit_once_and_a_refused_row_fails_only_its_delivery,
+);
 
 /// A committed event the relay never published (the process died first) is only in the
 /// outbox table, not in the relay's memory: the scan at start publishes it, it is handled

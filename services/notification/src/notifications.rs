@@ -1,7 +1,10 @@
 //! Recording and announcing a notification, shared by every notification handler.
 
+use std::sync::LazyLock;
+
 use sluice::bus::{Context, HandlerError};
 use sluice::events::{NotificationKind, NotificationSent};
+use sluice::store::Rows;
 
 /// One message for one customer about one order.
 #[derive(Debug)]
@@ -24,18 +27,8 @@ pub async fn send(ctx: &mut Context, notice: Notice) -> Result<(), HandlerError>
     }
     let kind = notice.kind.as_str_name();
     let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("notification/{}/{kind}", notice.order_id).as_bytes()).to_string();
-    sqlx::query(
-        "INSERT INTO notifications (notification_id, order_id, customer_id, kind, message, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (notification_id) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(&notice.order_id)
-    .bind(&notice.customer_id)
-    .bind(kind)
-    .bind(&notice.message)
-    .bind(sluice::store::unix_millis())
-    .execute(ctx.db())
-    .await?;
+    let row = serde_json::json!([id, notice.order_id, notice.customer_id, kind, notice.message, sluice::store::unix_millis()]);
+    ctx.write(&RECORD, row).await?;
     tracing::info!(order_id = %notice.order_id, kind, "customer notified");
     ctx.emit(NotificationSent {
         order_id: notice.order_id,
@@ -46,6 +39,22 @@ pub async fn send(ctx: &mut Context, notice: Notice) -> Result<(), HandlerError>
     });
     Ok(())
 }
+
+/// Records notifications, for every notice of a transaction at once (see [`Context::write`]):
+/// each row `[notification id, order id, customer id, kind, message, created at]`.
+static RECORD: LazyLock<Rows> = LazyLock::new(|| {
+    let insert = |source: &str| {
+        format!(
+            "INSERT INTO notifications (notification_id, order_id, customer_id, kind, message, created_at) {source} \
+             ON CONFLICT (notification_id) DO NOTHING"
+        )
+    };
+    Rows::new(
+        // (The WHERE keeps SQLite from reading ON CONFLICT as a join's ON.)
+        insert("SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each($1) WHERE true"),
+        insert("SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, (r ->> 5)::BIGINT FROM json_array_elements($1::JSON) AS j(r)"),
+    )
+});
 
 /// `1234` → `12.34`.
 pub fn money(cents: i64) -> String {

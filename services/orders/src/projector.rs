@@ -1,10 +1,9 @@
 //! Projects every lifecycle event into the order read model.
 
-use sluice::bus::{Context, Handler, HandlerError};
-use sluice::events::PricedLine;
+use serde_json::json;
+use sluice::bus::{Context, Handler, HandlerError, Metadata};
 use sluice::pb::OrderStatus;
-use sluice::store::Backend;
-use sqlx::Row;
+use sluice::store::Rows;
 use std::sync::LazyLock;
 
 use crate::lifecycle::{self, Lifecycle};
@@ -20,126 +19,106 @@ impl<E: Lifecycle> Handler<E> for Projector {
     }
 
     async fn handle(&self, event: E, ctx: &mut Context) -> Result<(), HandlerError> {
-        let order_id = event.order().to_owned();
-        if order_id.is_empty() {
-            return Err(HandlerError::reject("event has no order id"));
-        }
-        let change = event.change();
-        let now = sluice::store::unix_millis();
-        let occurred_at = {
-            let t = &ctx.meta().occurred_at;
-            t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos / 1_000))
-        };
-        // One round trip (see `APPLY_SQLITE`) for the order's row, the event's history row and
-        // its priced lines, if it has any. The row is created on the first event of the order, or
-        // updated under the row's lock, so events of one order projected concurrently (from
-        // different queues, on PostgreSQL) apply one after the other. The status is the strongest
-        // one implied by any event seen (see `lifecycle::rank`): the row already holds the
-        // strongest so far, so the new one is whichever of the two ranks higher.
-        let implied = change.implied.unwrap_or(OrderStatus::Unspecified);
-        let (total, has_total) = change.lines.as_ref().map_or((0, 0), |(_, total)| (*total, 1));
-        let (reason, has_reason) = change.reason.as_deref().map_or(("", 0), |r| (r, 1));
-        let event_id = ctx.meta().event_id.clone();
-        let apply: &str = match ctx.backend() {
-            Backend::Sqlite => &APPLY_SQLITE,
-            Backend::Postgres => &APPLY_POSTGRES,
-        };
-        let status: i64 = sqlx::query(apply)
-            .bind(&order_id)
-            .bind(&change.customer_id)
-            .bind(i64::from(implied as i32))
-            .bind(total)
-            .bind(reason)
-            .bind(now)
-            .bind(has_total)
-            .bind(has_reason)
-            .bind(i64::from(lifecycle::rank(implied)))
-            .bind(&event_id)
-            .bind(E::ROUTING_KEY)
-            .bind(occurred_at)
-            .bind(&change.detail)
-            .bind(lines_json(change.lines.as_ref().map_or(&[][..], |(lines, _)| lines)))
-            // Not `fetch_one`: sqlx's `Any` SQLite driver takes the first result of a query,
-            // here the upsert's, and would find no row.
-            .fetch_all(ctx.db())
-            .await?
-            .first()
-            .ok_or(sqlx::Error::RowNotFound)?
-            .try_get("status")?;
-        let status = status_of(status);
-        tracing::info!(order_id = %order_id, event = E::ROUTING_KEY, status = status.as_str_name(), "order updated");
+        let row = row(&event, ctx.meta())?;
+        ctx.write(&APPLY, row).await?;
+        tracing::info!(order_id = event.order(), event = E::ROUTING_KEY, "order event recorded");
         Ok(())
     }
 }
 
-/// Creates or updates an order's row. `$9` is the rank of the status the event implies (`$3`);
-/// the CASE is `lifecycle::rank` of the stored status.
-static UPSERT_ORDER: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "INSERT INTO orders (order_id, customer_id, status, total_cents, reason, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (order_id) DO UPDATE SET \
-         customer_id = CASE WHEN orders.customer_id = '' THEN excluded.customer_id ELSE orders.customer_id END, \
-         status = CASE WHEN $9 > {} THEN excluded.status ELSE orders.status END, \
-         total_cents = CASE WHEN $7 = 1 THEN excluded.total_cents ELSE orders.total_cents END, \
-         reason = CASE WHEN $8 = 1 THEN excluded.reason ELSE orders.reason END, \
-         updated_at = excluded.updated_at",
-        lifecycle::rank_sql("orders.status")
-    )
-});
-
-/// The history row of the event (`$10`, routing key `$11`, occurred at `$12`, detail `$13`),
-/// with the order's status after it, read from `source`'s `status` where `condition` holds.
-fn insert_history(source: &str, condition: &str) -> String {
-    // (The WHERE also keeps SQLite from reading ON CONFLICT as a join's ON.)
-    format!(
-        "INSERT INTO order_history (event_id, order_id, event, implied, status, occurred_at, detail) \
-         SELECT $10, $1, $11, $3, status, $12, $13 FROM {source} WHERE {condition} ON CONFLICT (event_id) DO NOTHING"
-    )
+/// The row of [`APPLY`] for one event.
+fn row<E: Lifecycle>(event: &E, meta: &Metadata) -> Result<serde_json::Value, HandlerError> {
+    if event.order().is_empty() {
+        return Err(HandlerError::reject("event has no order id"));
+    }
+    let change = event.change();
+    let occurred_at = meta.occurred_at.seconds.saturating_mul(1_000_000).saturating_add(i64::from(meta.occurred_at.nanos / 1_000));
+    let (lines, total) = change.lines.as_ref().map_or((&[][..], 0), |(lines, total)| (lines.as_slice(), *total));
+    let lines: Vec<_> = lines.iter().map(|l| json!([l.sku, l.name, l.quantity, l.unit_price_cents, l.line_total_cents])).collect();
+    Ok(json!([
+        event.order(),
+        change.customer_id,
+        change.implied.unwrap_or(OrderStatus::Unspecified) as i32,
+        total,
+        change.reason.unwrap_or_default(),
+        sluice::store::unix_millis(),
+        meta.event_id,
+        E::ROUTING_KEY,
+        occurred_at,
+        change.detail,
+        lines,
+    ]))
 }
 
-/// The priced lines (`$14`, a JSON array of `[sku, name, quantity, unit price, line total]`),
-/// created or replaced.
-fn upsert_lines(source: &str) -> String {
-    format!(
-        "INSERT INTO order_lines (order_id, sku, name, quantity, unit_price_cents, line_total_cents) {source} \
-         ON CONFLICT (order_id, sku) DO UPDATE SET name = excluded.name, quantity = excluded.quantity, \
-         unit_price_cents = excluded.unit_price_cents, line_total_cents = excluded.line_total_cents"
-    )
-}
-
-/// An event applied in one round trip to the database: the order's row upserted, the event's
-/// history row and its lines written, and the order's status returned. On SQLite, four
-/// statements in one query (sqlx runs them on its worker thread in one go; `$n` names the same
-/// argument in each); on PostgreSQL, which prepares one statement at a time, one statement with
-/// data-modifying CTEs. (Every statement sent to sqlx's SQLite worker thread costs two thread
-/// switches: one fewer per event took this service from 0.45 to 0.41 cores end to end, and
-/// the lines' own statement was one more per order, docs/benchmarks.md.)
-static APPLY_SQLITE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "{}; {}; {}; SELECT status FROM orders WHERE order_id = $1",
-        *UPSERT_ORDER,
-        insert_history("orders", "order_id = $1"),
-        // (The WHERE keeps SQLite from reading ON CONFLICT as a join's ON.)
-        upsert_lines("SELECT $1, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each($14) WHERE true")
-    )
-});
-static APPLY_POSTGRES: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH applied AS ({} RETURNING status), history AS ({}), lines AS ({}) SELECT status FROM applied",
-        *UPSERT_ORDER,
-        insert_history("applied", "true"),
-        upsert_lines(
-            "SELECT $1, line ->> 0, line ->> 1, (line ->> 2)::BIGINT, (line ->> 3)::BIGINT, (line ->> 4)::BIGINT \
-             FROM json_array_elements($14::JSON) AS l(line)"
+/// Applies events to the read model, for every event of a transaction at once (see
+/// [`Context::write`]): the orders' rows created or updated, the events' history rows and their
+/// priced lines written. Each row is `[order id, customer id, implied status, total, reason,
+/// now, event id, routing key, occurred at (µs), detail, lines]`, the lines an array of
+/// `[sku, name, quantity, unit price, line total]`.
+///
+/// An order's row is created on its first event, or updated under the row's lock, so events
+/// of one order projected concurrently (from different queues, on PostgreSQL) apply one after
+/// the other. Its status is the strongest implied by any event seen (`lifecycle::rank`): the row
+/// already holds the strongest so far, so the new one is whichever of the two ranks higher. Its
+/// customer is the first one given, its total and reason the last ones given (an event without
+/// them gives 0 and ''). A history row holds the order's status after the statement.
+///
+/// On SQLite three statements in one query (`$1` names the same argument in each); on
+/// PostgreSQL, which prepares one statement at a time, one statement with data-modifying CTEs.
+/// (Every statement sent to sqlx's SQLite worker thread costs two thread switches: one per
+/// event was the largest part of this service's CPU, docs/benchmarks.md.) PostgreSQL refuses
+/// to update one row twice in one statement: two events of one order in one batch (of one
+/// queue, so of one type: not in the reference flow) fail the batch's rows, and each event is
+/// then applied on its own (see `sluice::bus::consumer`).
+static APPLY: LazyLock<Rows> = LazyLock::new(|| {
+    let upsert = |source: &str| {
+        format!(
+            "INSERT INTO orders (order_id, customer_id, status, total_cents, reason, updated_at) {source} \
+             ON CONFLICT (order_id) DO UPDATE SET \
+             customer_id = CASE WHEN orders.customer_id = '' THEN excluded.customer_id ELSE orders.customer_id END, \
+             status = CASE WHEN {} > {} THEN excluded.status ELSE orders.status END, \
+             total_cents = CASE WHEN excluded.total_cents <> 0 THEN excluded.total_cents ELSE orders.total_cents END, \
+             reason = CASE WHEN excluded.reason <> '' THEN excluded.reason ELSE orders.reason END, \
+             updated_at = excluded.updated_at",
+            lifecycle::rank_sql("excluded.status"),
+            lifecycle::rank_sql("orders.status"),
         )
-    )
+    };
+    let history = |source: &str| format!("INSERT INTO order_history (event_id, order_id, event, implied, status, occurred_at, detail) {source} ON CONFLICT (event_id) DO NOTHING");
+    let lines = |source: &str| {
+        format!(
+            "INSERT INTO order_lines (order_id, sku, name, quantity, unit_price_cents, line_total_cents) {source} \
+             ON CONFLICT (order_id, sku) DO UPDATE SET name = excluded.name, quantity = excluded.quantity, \
+             unit_price_cents = excluded.unit_price_cents, line_total_cents = excluded.line_total_cents"
+        )
+    };
+    // (The `WHERE true`s keep SQLite from reading ON CONFLICT as a join's ON.)
+    let sqlite = [
+        upsert("SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each($1) WHERE true"),
+        history(
+            "SELECT e.value ->> 6, o.order_id, e.value ->> 7, e.value ->> 2, o.status, e.value ->> 8, e.value ->> 9 \
+             FROM json_each($1) AS e JOIN orders AS o ON o.order_id = e.value ->> 0 WHERE true",
+        ),
+        lines(
+            "SELECT e.value ->> 0, l.value ->> 0, l.value ->> 1, l.value ->> 2, l.value ->> 3, l.value ->> 4 \
+             FROM json_each($1) AS e, json_each(e.value, '$[10]') AS l WHERE true",
+        ),
+    ]
+    .join("; ");
+    let postgres = format!(
+        "WITH e AS (SELECT r ->> 0 AS order_id, r ->> 1 AS customer_id, (r ->> 2)::BIGINT AS implied, (r ->> 3)::BIGINT AS total, \
+         r ->> 4 AS reason, (r ->> 5)::BIGINT AS now, r ->> 6 AS event_id, r ->> 7 AS event, (r ->> 8)::BIGINT AS occurred_at, \
+         r ->> 9 AS detail, r -> 10 AS lines FROM json_array_elements($1::JSON) AS j(r)), \
+         applied AS ({} RETURNING order_id, status), history AS ({}), lines AS ({}) SELECT 1 FROM applied WHERE false",
+        upsert("SELECT order_id, customer_id, implied, total, reason, now FROM e"),
+        history("SELECT e.event_id, e.order_id, e.event, e.implied, a.status, e.occurred_at, e.detail FROM e JOIN applied AS a ON a.order_id = e.order_id"),
+        lines(
+            "SELECT e.order_id, l ->> 0, l ->> 1, (l ->> 2)::BIGINT, (l ->> 3)::BIGINT, (l ->> 4)::BIGINT \
+             FROM e, json_array_elements(e.lines) AS m(l)"
+        ),
+    );
+    Rows::new(sqlite, postgres)
 });
-
-/// `lines` as the JSON array `$14` of the apply statements.
-fn lines_json(lines: &[PricedLine]) -> String {
-    let rows = lines.iter().map(|l| serde_json::json!([l.sku, l.name, l.quantity, l.unit_price_cents, l.line_total_cents]));
-    serde_json::Value::Array(rows.collect()).to_string()
-}
 
 /// A stored status number back to the enum (unknown numbers read as unspecified).
 pub fn status_of(value: i64) -> OrderStatus {
@@ -152,7 +131,9 @@ mod tests {
     use sluice::events::{
         InventoryRejected, InventoryReserved, NotificationKind, NotificationSent, OrderCreated, PaymentCaptured, PaymentDeclined,
     };
-    use sluice::store::Store;
+    use sluice::events::PricedLine;
+    use sluice::store::{Backend, Store};
+    use sqlx::Row;
 
     use super::*;
 
@@ -185,6 +166,46 @@ mod tests {
     }
     fn notified() -> NotificationSent {
         NotificationSent { order_id: ORDER.into(), kind: NotificationKind::OrderConfirmed.into(), ..Default::default() }
+    }
+
+    /// What a batch of deliveries writes: several events in one statement, here three, two of
+    /// them of one order, which SQLite applies one after the other (PostgreSQL refuses that,
+    /// and the bus then applies them one at a time).
+    #[tokio::test]
+    async fn events_written_together_apply_as_they_would_one_by_one() {
+        use OrderStatus::*;
+        let store = Store::connect("sqlite::memory:", crate::MIGRATIONS).await.unwrap();
+        let line = PricedLine { sku: "sku-1".into(), name: "Widget".into(), quantity: 3, unit_price_cents: 500, line_total_cents: 1_500 };
+        let other = InventoryReserved { order_id: "o-2".into(), customer_id: "c-2".into(), lines: vec![line], total_cents: 1_500, ..Default::default() };
+        let rows = serde_json::Value::Array(vec![
+            row(&created(), &Metadata::for_test("e-1")).unwrap(),
+            row(&other, &Metadata::for_test("e-2")).unwrap(),
+            row(&paid(), &Metadata::for_test("e-3")).unwrap(),
+        ]);
+        sqlx::query(APPLY.sql(Backend::Sqlite)).bind(rows.to_string()).execute(store.pool()).await.unwrap();
+
+        let order = async |id: &str| {
+            let row = sqlx::query("SELECT customer_id, status, total_cents FROM orders WHERE order_id = $1").bind(id).fetch_one(store.pool()).await.unwrap();
+            (row.try_get::<String, _>("customer_id").unwrap(), status_of(row.try_get("status").unwrap()), row.try_get::<i64, _>("total_cents").unwrap())
+        };
+        assert_eq!(order(ORDER).await, ("c-1".to_owned(), Paid, 0), "created, then paid: the customer of the first, the status of the second");
+        assert_eq!(order("o-2").await, ("c-2".to_owned(), Reserved, 1_500));
+        let lines: Vec<(String, i64)> = sqlx::query("SELECT sku, quantity FROM order_lines WHERE order_id = 'o-2'")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.try_get("sku").unwrap(), r.try_get("quantity").unwrap()))
+            .collect();
+        assert_eq!(lines, [("sku-1".to_owned(), 3)]);
+        let history: Vec<(String, i64)> = sqlx::query("SELECT event_id, implied FROM order_history ORDER BY event_id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.try_get("event_id").unwrap(), r.try_get("implied").unwrap()))
+            .collect();
+        assert_eq!(history, [("e-1".to_owned(), Pending as i64), ("e-2".to_owned(), Reserved as i64), ("e-3".to_owned(), Paid as i64)]);
     }
 
     /// The upsert keeps the strongest status implied so far (`lifecycle::rank`), whatever
