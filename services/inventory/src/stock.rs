@@ -2,7 +2,8 @@
 //! (`available >= quantity`), atomic in both SQLite and PostgreSQL, so concurrent orders can
 //! never oversell. On PostgreSQL an order's SKUs are changed one at a time, in sorted order, so
 //! two orders cannot deadlock; SQLite has one writer, and changes them all in one query (one
-//! round trip to sqlx's worker thread).
+//! round trip to sqlx's worker thread). A sale ([`COMMIT`]) is a row the bus writes for the
+//! whole batch at once.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,7 +11,7 @@ use std::{
 };
 
 use sluice::events::{OrderItem, PricedLine};
-use sluice::store::{Backend, placeholders};
+use sluice::store::{Backend, Rows, placeholders};
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
 /// Quantities per SKU, merged and sorted (the lock order).
@@ -100,45 +101,57 @@ const RESERVE_SQLITE: &str = "UPDATE inventory_items SET available = available -
      INSERT INTO inventory_reservations (order_id, sku, quantity, state) \
      SELECT $2, value ->> 0, value ->> 1, 'reserved' FROM json_each($1) WHERE changes() = json_array_length($1)";
 
-/// Ends an order's reservations: `released` returns stock to `available`, `committed` drops
-/// it from `reserved` (it was sold). Returns the lines it ended, sorted by SKU; empty if already
-/// ended.
-pub async fn end_reservation(db: &mut AnyConnection, order_id: &str, release: bool) -> Result<Vec<OrderItem>, sqlx::Error> {
-    let state = if release { "released" } else { "committed" };
+/// Releases an order's reservations: their stock goes back to `available`. Returns the lines it
+/// released, sorted by SKU; empty if they had already ended (released, or sold by [`COMMIT`]).
+pub async fn release_reservation(db: &mut AnyConnection, order_id: &str) -> Result<Vec<OrderItem>, sqlx::Error> {
     let rows = if Backend::of(db) == Backend::Sqlite {
         // In one query. `changes()` is the count of the first statement: the stock moves only
         // if this call ended the lines.
-        let sql: &str = if release { &END_AND_RELEASE_SQLITE } else { &END_AND_COMMIT_SQLITE };
-        ended_lines(sqlx::query(sql).bind(state).bind(order_id).fetch_all(&mut *db).await?)?
+        ended_lines(sqlx::query(RELEASE_SQLITE).bind(order_id).fetch_all(&mut *db).await?)?
     } else {
         // Ending them first returns exactly the lines this call ends (none if already ended).
-        let rows = ended_lines(sqlx::query(END_SQL).bind(state).bind(order_id).fetch_all(&mut *db).await?)?;
+        let rows = ended_lines(sqlx::query(END_SQL).bind(order_id).fetch_all(&mut *db).await?)?;
         for (sku, quantity) in &rows {
-            sqlx::query(if release { RELEASE_SQL } else { COMMIT_SQL }).bind(*quantity).bind(sku).execute(&mut *db).await?;
+            sqlx::query(RELEASE_SQL).bind(*quantity).bind(sku).execute(&mut *db).await?;
         }
         rows
     };
     Ok(rows.into_iter().map(|(sku, quantity)| OrderItem { sku, quantity: u32::try_from(quantity).unwrap_or(u32::MAX) }).collect())
 }
 
-/// Marks an order's reserved lines `$1` and returns them.
-const END_SQL: &str = "UPDATE inventory_reservations SET state = $1 WHERE order_id = $2 AND state = 'reserved' RETURNING sku, quantity";
+/// Marks order `$1`'s reserved lines released and returns them.
+const END_SQL: &str = "UPDATE inventory_reservations SET state = 'released' WHERE order_id = $1 AND state = 'reserved' RETURNING sku, quantity";
 /// One released line (`$1` units of SKU `$2`) back to `available`.
 const RELEASE_SQL: &str = "UPDATE inventory_items SET available = available + $1, reserved = reserved - $1 WHERE sku = $2";
-/// One sold line (`$1` units of SKU `$2`) out of `reserved`.
-const COMMIT_SQL: &str = "UPDATE inventory_items SET reserved = reserved - $1 WHERE sku = $2";
 
-/// SQLite: [`END_SQL`], then the stock of the lines it ended moved as [`RELEASE_SQL`] or
-/// [`COMMIT_SQL`] would, in one query.
-fn end_and_move_sqlite(set: &str) -> String {
-    format!(
-        "{END_SQL}; UPDATE inventory_items SET {set} FROM inventory_reservations AS r \
-         WHERE changes() > 0 AND r.order_id = $2 AND r.state = $1 AND r.sku = inventory_items.sku"
+/// SQLite: [`END_SQL`], then the stock of the lines it ended moved back as [`RELEASE_SQL`]
+/// would, in one query.
+const RELEASE_SQLITE: &str = "UPDATE inventory_reservations SET state = 'released' WHERE order_id = $1 AND state = 'reserved' RETURNING sku, quantity; \
+     UPDATE inventory_items SET available = available + r.quantity, reserved = reserved - r.quantity FROM inventory_reservations AS r \
+     WHERE changes() > 0 AND r.order_id = $1 AND r.state = 'released' AND r.sku = inventory_items.sku";
+
+/// Sells orders' reservations: rows of `[order_id]`, written once per transaction for every paid
+/// order of a batch. The reserved lines of those orders are marked `committed`, and their units
+/// leave `reserved`; lines already ended (released, or sold before) are left alone, so an order
+/// paid twice, or twice in one batch, is sold once. On PostgreSQL the stock rows are locked in
+/// SKU order first (`FOR UPDATE`), the order every other stock change takes them in.
+pub static COMMIT: LazyLock<Rows> = LazyLock::new(|| {
+    Rows::new(
+        "UPDATE inventory_items SET reserved = reserved - m.quantity \
+         FROM (SELECT sku, SUM(quantity) AS quantity FROM inventory_reservations \
+               WHERE state = 'reserved' AND order_id IN (SELECT value ->> 0 FROM json_each($1)) GROUP BY sku) AS m \
+         WHERE inventory_items.sku = m.sku; \
+         UPDATE inventory_reservations SET state = 'committed' \
+         WHERE state = 'reserved' AND order_id IN (SELECT value ->> 0 FROM json_each($1))",
+        "WITH ended AS (UPDATE inventory_reservations SET state = 'committed' \
+               WHERE state = 'reserved' AND order_id IN (SELECT value ->> 0 FROM json_array_elements($1::JSON)) \
+               RETURNING sku, quantity), \
+         moved AS (SELECT sku, SUM(quantity)::BIGINT AS quantity FROM ended GROUP BY sku), \
+         locked AS MATERIALIZED (SELECT sku FROM inventory_items WHERE sku IN (SELECT sku FROM moved) ORDER BY sku FOR UPDATE) \
+         UPDATE inventory_items SET reserved = inventory_items.reserved - moved.quantity FROM moved JOIN locked USING (sku) \
+         WHERE inventory_items.sku = moved.sku",
     )
-}
-static END_AND_RELEASE_SQLITE: LazyLock<String> =
-    LazyLock::new(|| end_and_move_sqlite("available = available + r.quantity, reserved = reserved - r.quantity"));
-static END_AND_COMMIT_SQLITE: LazyLock<String> = LazyLock::new(|| end_and_move_sqlite("reserved = reserved - r.quantity"));
+});
 
 /// The (SKU, quantity) rows [`END_SQL`] returned, sorted: the lock order of every stock change.
 fn ended_lines(rows: Vec<AnyRow>) -> Result<Vec<(String, i64)>, sqlx::Error> {
@@ -193,7 +206,7 @@ mod tests {
                 Reservation::Reserved(lines) => panic!("held {lines:?}"),
             }
             assert_eq!(levels(&mut ctx).await, before, "nothing taken");
-            assert!(end_reservation(ctx.db(), "o-2", true).await.unwrap().is_empty(), "no reservation rows");
+            assert!(release_reservation(ctx.db(), "o-2").await.unwrap().is_empty(), "no reservation rows");
         }
         let items = BTreeMap::from([("A".to_owned(), 8), ("B".to_owned(), 7)]);
         let Reservation::Reserved(lines) = reserve(ctx.db(), "o-2", &items).await.unwrap() else { panic!("the rest of the stock is held") };
@@ -206,19 +219,60 @@ mod tests {
         lines.iter().map(|l| (l.sku.as_str(), l.quantity)).collect()
     }
 
-    /// SQLite ends the lines and moves their stock in one query: only the call that ended them
-    /// moves it, whatever comes after.
+    /// Sells `orders` with one [`COMMIT`] statement, as the bus writes a batch's rows.
+    async fn sell(ctx: &mut Context, orders: &[&str]) {
+        let rows = serde_json::Value::Array(orders.iter().map(|order| serde_json::json!([order])).collect());
+        sqlx::query(COMMIT.sql(Backend::Sqlite)).bind(rows.to_string()).execute(ctx.db()).await.unwrap();
+    }
+
+    /// The state of each of `order`'s reservation rows, by SKU.
+    async fn states(ctx: &mut Context, order: &str) -> Vec<String> {
+        sqlx::query("SELECT state FROM inventory_reservations WHERE order_id = $1 ORDER BY sku")
+            .bind(order)
+            .fetch_all(ctx.db())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get("state").unwrap())
+            .collect()
+    }
+
+    /// A reservation ends once, sold or released: only what ends it moves the stock, whatever
+    /// comes after.
     #[tokio::test]
-    async fn stock_moves_once_for_the_call_that_ends_the_reservation() {
-        for (release, after, what) in [(false, [(8, 0), (7, 0)], "sold: out of reserved"), (true, [(10, 0), (10, 0)], "released: back to available")] {
-            let (_store, mut ctx) = reserved().await;
-            assert_eq!(ended(&end_reservation(ctx.db(), "o-1", release).await.unwrap()), [("A", 2), ("B", 3)]);
-            assert_eq!(levels(&mut ctx).await, after, "{what}");
-            for again in [release, !release] {
-                assert!(end_reservation(ctx.db(), "o-1", again).await.unwrap().is_empty(), "already ended");
-                assert_eq!(levels(&mut ctx).await, after, "unchanged");
-            }
-            assert!(end_reservation(ctx.db(), "o-2", release).await.unwrap().is_empty(), "nothing reserved");
+    async fn stock_moves_once_for_what_ends_the_reservation() {
+        let (_store, mut ctx) = reserved().await;
+        assert_eq!(ended(&release_reservation(ctx.db(), "o-1").await.unwrap()), [("A", 2), ("B", 3)]);
+        assert_eq!(levels(&mut ctx).await, [(10, 0), (10, 0)], "released: back to available");
+        assert!(release_reservation(ctx.db(), "o-1").await.unwrap().is_empty(), "already released");
+        sell(&mut ctx, &["o-1"]).await;
+        assert_eq!(levels(&mut ctx).await, [(10, 0), (10, 0)], "a released order sells nothing");
+        assert_eq!(states(&mut ctx, "o-1").await, ["released", "released"]);
+
+        let (_store, mut ctx) = reserved().await;
+        sell(&mut ctx, &["o-1"]).await;
+        assert_eq!(levels(&mut ctx).await, [(8, 0), (7, 0)], "sold: out of reserved");
+        assert_eq!(states(&mut ctx, "o-1").await, ["committed", "committed"]);
+        sell(&mut ctx, &["o-1"]).await;
+        assert!(release_reservation(ctx.db(), "o-1").await.unwrap().is_empty(), "already sold");
+        assert_eq!(levels(&mut ctx).await, [(8, 0), (7, 0)], "unchanged");
+        assert!(release_reservation(ctx.db(), "o-2").await.unwrap().is_empty(), "nothing reserved");
+    }
+
+    /// A batch's sales in one statement: each order paid in it is sold once, even when it comes
+    /// twice, and the orders not in it keep their reservations.
+    #[tokio::test]
+    async fn a_batch_of_sales_sells_each_order_once() {
+        let (_store, mut ctx) = reserved().await;
+        for (order, items) in [("o-2", BTreeMap::from([("A".to_owned(), 1)])), ("o-3", BTreeMap::from([("B".to_owned(), 4)]))] {
+            assert!(matches!(reserve(ctx.db(), order, &items).await.unwrap(), Reservation::Reserved(_)));
         }
+        assert_eq!(levels(&mut ctx).await, [(7, 3), (3, 7)]);
+        sell(&mut ctx, &["o-1", "o-2", "o-1", "o-unknown"]).await;
+        assert_eq!(levels(&mut ctx).await, [(7, 0), (3, 4)], "o-1's 2 A and 3 B and o-2's 1 A sold, o-3's 4 B still reserved");
+        assert_eq!(states(&mut ctx, "o-2").await, ["committed"]);
+        assert_eq!(states(&mut ctx, "o-3").await, ["reserved"]);
+        assert_eq!(ended(&release_reservation(ctx.db(), "o-3").await.unwrap()), [("B", 4)]);
+        assert_eq!(levels(&mut ctx).await, [(7, 0), (7, 0)]);
     }
 }

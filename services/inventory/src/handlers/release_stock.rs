@@ -11,7 +11,7 @@ pub struct ReleaseStock;
 
 impl Handler<PaymentDeclined> for ReleaseStock {
     async fn handle(&self, declined: PaymentDeclined, ctx: &mut Context) -> Result<(), HandlerError> {
-        let items = stock::end_reservation(ctx.db(), &declined.order_id, true).await?;
+        let items = stock::release_reservation(ctx.db(), &declined.order_id).await?;
         if items.is_empty() {
             tracing::info!(order_id = %declined.order_id, "nothing reserved to release");
             return Ok(());

@@ -27,19 +27,25 @@ impl Handler<InventoryReserved> for CapturePayment {
             return Err(HandlerError::reject("reservation has no order id"));
         }
         // The order's row: created here if the details have not come yet (the reservation then
-        // waits in it), otherwise only locked and read.
+        // waits in it, for their handler to charge), otherwise locked, and the charge taken if
+        // no handler has taken it yet. No row comes back when one has (this order reserved
+        // again, under another event id), nor for a second reservation before the details.
         let row = sqlx::query(
             "INSERT INTO payment_orders (order_id, customer_id, payment_token, received_at, has_details, reserved_first_cents) \
              VALUES ($1, $2, '', $3, 0, $4) \
-             ON CONFLICT (order_id) DO UPDATE SET received_at = payment_orders.received_at \
+             ON CONFLICT (order_id) DO UPDATE SET charged = 1 WHERE payment_orders.has_details = 1 AND payment_orders.charged = 0 \
              RETURNING has_details, payment_token",
         )
         .bind(&reserved.order_id)
         .bind(&reserved.customer_id)
         .bind(sluice::store::unix_millis())
         .bind(reserved.total_cents)
-        .fetch_one(ctx.db())
+        .fetch_optional(ctx.db())
         .await?;
+        let Some(row) = row else {
+            tracing::warn!(order_id = %reserved.order_id, "order reserved again; this reservation changes nothing");
+            return Ok(());
+        };
         if row.try_get::<i64, _>("has_details")? == 0 {
             tracing::info!(order_id = %reserved.order_id, "reserved before its payment details arrived; charged when they do");
             return Ok(());

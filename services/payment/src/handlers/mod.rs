@@ -5,7 +5,10 @@
 //! first: each handler records its half in the order's `payment_orders` row and charges if the
 //! other half is already there. Both write that row before reading it (an upsert that takes
 //! its lock), so on PostgreSQL, where the two may run at once, the second waits for the first
-//! to commit and sees its half: exactly one of them charges, and neither has to retry.
+//! to commit and sees its half: exactly one of them charges, and neither has to retry. The
+//! one that charges marks the row `charged` in that same statement, so a second reservation of
+//! the order (under another event id) finds the charge taken and does nothing. The charge's
+//! record is a row of [`RECORD`], which the bus writes for the whole batch at once.
 
 mod capture_payment;
 mod record_payment_details;
@@ -13,8 +16,11 @@ mod record_payment_details;
 pub use capture_payment::CapturePayment;
 pub use record_payment_details::RecordPaymentDetails;
 
+use std::sync::LazyLock;
+
 use sluice::bus::{Context, HandlerError};
 use sluice::events::{PaymentCaptured, PaymentDeclined};
+use sluice::store::Rows;
 
 use crate::provider::{Charge, Sandbox};
 
@@ -26,32 +32,17 @@ struct Bill<'a> {
     amount_cents: i64,
 }
 
-/// Charges an order through `provider`, records the attempt and emits its outcome, once per
-/// order: the provider's charge is idempotent per order (see [`Sandbox::charge`]), and an order
-/// that already has its payment row (a second reservation of it, under another event id) is
-/// neither recorded nor announced again.
+/// Charges an order through `provider`, records the attempt and emits its outcome. Called once
+/// per order, by the handler that took the order's charge; the provider's charge is idempotent
+/// per order as well (see [`Sandbox::charge`]), for a delivery that runs again.
 async fn charge(provider: &Sandbox, bill: Bill<'_>, ctx: &mut Context) -> Result<(), HandlerError> {
     let charge = provider.charge(bill.order_id, bill.token, bill.amount_cents);
     let (status, payment_id, reason) = match &charge {
-        Charge::Captured { payment_id } => ("captured", payment_id.clone(), String::new()),
-        Charge::Declined { reason } => ("declined", String::new(), reason.clone()),
+        Charge::Captured { payment_id } => ("captured", payment_id.as_str(), ""),
+        Charge::Declined { reason } => ("declined", "", reason.as_str()),
     };
-    let recorded = sqlx::query(
-        "INSERT INTO payments (order_id, payment_id, status, amount_cents, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-        .bind(bill.order_id)
-        .bind(&payment_id)
-        .bind(status)
-        .bind(bill.amount_cents)
-        .bind(&reason)
-        .bind(sluice::store::unix_millis())
-        .execute(ctx.db())
-        .await?;
-    if recorded.rows_affected() == 0 {
-        tracing::warn!(order_id = %bill.order_id, "order already charged; this reservation changes nothing");
-        return Ok(());
-    }
+    let row = serde_json::json!([bill.order_id, payment_id, status, bill.amount_cents, reason, sluice::store::unix_millis()]);
+    ctx.write(&RECORD, row).await?;
     let (order_id, customer_id, amount_cents) = (bill.order_id.to_owned(), bill.customer_id.to_owned(), bill.amount_cents);
     match charge {
         Charge::Captured { payment_id } => {
@@ -65,3 +56,14 @@ async fn charge(provider: &Sandbox, bill: Bill<'_>, ctx: &mut Context) -> Result
     }
     Ok(())
 }
+
+/// Records charge attempts, for every charge of a transaction at once (see [`Context::write`]):
+/// each row `[order id, payment id, status, amount, reason, created at]`. One per order (the
+/// table's key): a second would be refused, and its delivery retried, rather than announced.
+static RECORD: LazyLock<Rows> = LazyLock::new(|| {
+    let insert = |source: &str| format!("INSERT INTO payments (order_id, payment_id, status, amount_cents, reason, created_at) {source}");
+    Rows::new(
+        insert("SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each($1)"),
+        insert("SELECT r ->> 0, r ->> 1, r ->> 2, (r ->> 3)::BIGINT, r ->> 4, (r ->> 5)::BIGINT FROM json_array_elements($1::JSON) AS j(r)"),
+    )
+});

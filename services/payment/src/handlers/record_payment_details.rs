@@ -26,12 +26,13 @@ impl Handler<OrderCreated> for RecordPaymentDetails {
         if order.order_id.is_empty() {
             return Err(HandlerError::reject("order has no id"));
         }
-        // Fills in the details of a row the reservation created; no row comes back when the
-        // details were already recorded (the same order twice), and nothing more is done.
+        // Fills in the details of a row the reservation created, and takes its charge; no row
+        // comes back when the details were already recorded (the same order twice), and nothing
+        // more is done.
         let row = sqlx::query(
             "INSERT INTO payment_orders (order_id, customer_id, payment_token, received_at, has_details) VALUES ($1, $2, $3, $4, 1) \
-             ON CONFLICT (order_id) DO UPDATE SET customer_id = excluded.customer_id, payment_token = excluded.payment_token, has_details = 1 \
-             WHERE payment_orders.has_details = 0 \
+             ON CONFLICT (order_id) DO UPDATE SET customer_id = excluded.customer_id, payment_token = excluded.payment_token, has_details = 1, \
+             charged = 1 WHERE payment_orders.has_details = 0 \
              RETURNING reserved_first_cents",
         )
         .bind(&order.order_id)
