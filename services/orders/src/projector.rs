@@ -176,7 +176,7 @@ mod tests {
         use OrderStatus::*;
         let store = Store::connect("sqlite::memory:", crate::MIGRATIONS).await.unwrap();
         let line = PricedLine { sku: "sku-1".into(), name: "Widget".into(), quantity: 3, unit_price_cents: 500, line_total_cents: 1_500 };
-        let other = InventoryReserved { order_id: "o-2".into(), customer_id: "c-2".into(), lines: vec![line], total_cents: 1_500, ..Default::default() };
+        let other = InventoryReserved { order_id: "o-2".into(), customer_id: "c-2".into(), lines: vec![line], total_cents: 1_500 };
         let rows = serde_json::Value::Array(vec![
             row(&created(), &Metadata::for_test("e-1")).unwrap(),
             row(&other, &Metadata::for_test("e-2")).unwrap(),
