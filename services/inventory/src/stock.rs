@@ -164,8 +164,53 @@ fn ended_lines(rows: Vec<AnyRow>) -> Result<Vec<(String, i64)>, sqlx::Error> {
 mod tests {
     use sluice::bus::Context;
     use sluice::store::Store;
+    use sqlx::{Connection as _, Executor as _};
 
     use super::*;
+
+    /// Both backends: every test runs on each.
+    const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
+
+    /// The PostgreSQL server of the tests, as the e2e tests find it.
+    fn postgres_base() -> String {
+        std::env::var("SLUICE_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    }
+
+    /// A fresh migrated database: SQLite in memory, or a new PostgreSQL database, dropped with
+    /// this (even when the test fails).
+    struct Fresh {
+        store: Store,
+        postgres: Option<String>,
+    }
+
+    impl Fresh {
+        async fn new(backend: Backend) -> Self {
+            if backend == Backend::Sqlite {
+                return Self { store: Store::connect("sqlite::memory:", crate::MIGRATIONS).await.unwrap(), postgres: None };
+            }
+            sqlx::any::install_default_drivers();
+            let name = format!("sluice_test_stock_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::AnyConnection::connect(&format!("{}/postgres", postgres_base())).await.expect("PostgreSQL unreachable (SLUICE_TEST_POSTGRES)");
+            admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+            let store = Store::connect(&format!("{}/{name}", postgres_base()), crate::MIGRATIONS).await.unwrap();
+            Self { store, postgres: Some(name) }
+        }
+    }
+
+    impl Drop for Fresh {
+        fn drop(&mut self) {
+            let Some(name) = self.postgres.take() else { return };
+            // Drop runs inside the test's runtime: the cleanup gets a runtime of its own.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let mut admin = sqlx::AnyConnection::connect(&format!("{}/postgres", postgres_base())).await.unwrap();
+                    admin.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+                });
+            })
+            .join();
+        }
+    }
 
     /// (available, reserved) of each SKU, in SKU order.
     async fn levels(ctx: &mut Context) -> Vec<(i64, i64)> {
@@ -178,10 +223,10 @@ mod tests {
             .collect()
     }
 
-    /// An order of 2 A and 3 B reserved, out of 10 of each, in a fresh in-memory database.
-    async fn reserved() -> (Store, Context) {
-        let store = Store::connect("sqlite::memory:", crate::MIGRATIONS).await.unwrap();
-        let mut ctx = Context::for_test(&store, "e-1").await.unwrap();
+    /// An order of 2 A and 3 B reserved, out of 10 of each, in a fresh database.
+    async fn reserved(backend: Backend) -> (Fresh, Context) {
+        let fresh = Fresh::new(backend).await;
+        let mut ctx = Context::for_test(&fresh.store, "e-1").await.unwrap();
         sqlx::query("INSERT INTO inventory_items (sku, name, price_cents, available) VALUES ('A', 'a', 100, 10), ('B', 'b', 50, 10)")
             .execute(ctx.db())
             .await
@@ -189,30 +234,32 @@ mod tests {
         let items = BTreeMap::from([("A".to_owned(), 2), ("B".to_owned(), 3)]);
         assert!(matches!(reserve(ctx.db(), "o-1", &items).await.unwrap(), Reservation::Reserved(_)));
         assert_eq!(levels(&mut ctx).await, [(8, 2), (7, 3)]);
-        (store, ctx)
+        (fresh, ctx)
     }
 
     /// An order that cannot be held in full holds nothing: an unknown SKU, or one short of stock.
     #[tokio::test]
     async fn a_line_that_cannot_be_taken_leaves_every_line_as_it_was() {
-        let (_store, mut ctx) = reserved().await;
-        let before = levels(&mut ctx).await;
-        for (missing, items) in [
-            ("Z", BTreeMap::from([("A".to_owned(), 1), ("Z".to_owned(), 1)])),
-            ("B", BTreeMap::from([("A".to_owned(), 1), ("B".to_owned(), 8)])),
-        ] {
-            match reserve(ctx.db(), "o-2", &items).await.unwrap() {
-                Reservation::Unavailable(skus) => assert_eq!(skus, [missing]),
-                Reservation::Reserved(lines) => panic!("held {lines:?}"),
+        for backend in BACKENDS {
+            let (_fresh, mut ctx) = reserved(backend).await;
+            let before = levels(&mut ctx).await;
+            for (missing, items) in [
+                ("Z", BTreeMap::from([("A".to_owned(), 1), ("Z".to_owned(), 1)])),
+                ("B", BTreeMap::from([("A".to_owned(), 1), ("B".to_owned(), 8)])),
+            ] {
+                match reserve(ctx.db(), "o-2", &items).await.unwrap() {
+                    Reservation::Unavailable(skus) => assert_eq!(skus, [missing], "{backend:?}"),
+                    Reservation::Reserved(lines) => panic!("{backend:?}: held {lines:?}"),
+                }
+                assert_eq!(levels(&mut ctx).await, before, "{backend:?}: nothing taken");
+                assert!(release_reservation(ctx.db(), "o-2").await.unwrap().is_empty(), "{backend:?}: no reservation rows");
             }
-            assert_eq!(levels(&mut ctx).await, before, "nothing taken");
-            assert!(release_reservation(ctx.db(), "o-2").await.unwrap().is_empty(), "no reservation rows");
+            let items = BTreeMap::from([("A".to_owned(), 8), ("B".to_owned(), 7)]);
+            let Reservation::Reserved(lines) = reserve(ctx.db(), "o-2", &items).await.unwrap() else { panic!("{backend:?}: the rest of the stock is held") };
+            let priced: Vec<_> = lines.iter().map(|l| (l.sku.as_str(), l.name.as_str(), l.quantity, l.unit_price_cents, l.line_total_cents)).collect();
+            assert_eq!(priced, [("A", "a", 8, 100, 800), ("B", "b", 7, 50, 350)], "{backend:?}");
+            assert_eq!(levels(&mut ctx).await, [(0, 10), (0, 10)], "{backend:?}");
         }
-        let items = BTreeMap::from([("A".to_owned(), 8), ("B".to_owned(), 7)]);
-        let Reservation::Reserved(lines) = reserve(ctx.db(), "o-2", &items).await.unwrap() else { panic!("the rest of the stock is held") };
-        let priced: Vec<_> = lines.iter().map(|l| (l.sku.as_str(), l.name.as_str(), l.quantity, l.unit_price_cents, l.line_total_cents)).collect();
-        assert_eq!(priced, [("A", "a", 8, 100, 800), ("B", "b", 7, 50, 350)]);
-        assert_eq!(levels(&mut ctx).await, [(0, 10), (0, 10)]);
     }
 
     fn ended(lines: &[OrderItem]) -> Vec<(&str, u32)> {
@@ -222,7 +269,8 @@ mod tests {
     /// Sells `orders` with one [`COMMIT`] statement, as the bus writes a batch's rows.
     async fn sell(ctx: &mut Context, orders: &[&str]) {
         let rows = serde_json::Value::Array(orders.iter().map(|order| serde_json::json!([order])).collect());
-        sqlx::query(COMMIT.sql(Backend::Sqlite)).bind(rows.to_string()).execute(ctx.db()).await.unwrap();
+        let sql = COMMIT.sql(ctx.backend());
+        sqlx::query(sql).bind(rows.to_string()).execute(ctx.db()).await.unwrap();
     }
 
     /// The state of each of `order`'s reservation rows, by SKU.
@@ -241,38 +289,42 @@ mod tests {
     /// comes after.
     #[tokio::test]
     async fn stock_moves_once_for_what_ends_the_reservation() {
-        let (_store, mut ctx) = reserved().await;
-        assert_eq!(ended(&release_reservation(ctx.db(), "o-1").await.unwrap()), [("A", 2), ("B", 3)]);
-        assert_eq!(levels(&mut ctx).await, [(10, 0), (10, 0)], "released: back to available");
-        assert!(release_reservation(ctx.db(), "o-1").await.unwrap().is_empty(), "already released");
-        sell(&mut ctx, &["o-1"]).await;
-        assert_eq!(levels(&mut ctx).await, [(10, 0), (10, 0)], "a released order sells nothing");
-        assert_eq!(states(&mut ctx, "o-1").await, ["released", "released"]);
+        for backend in BACKENDS {
+            let (_fresh, mut ctx) = reserved(backend).await;
+            assert_eq!(ended(&release_reservation(ctx.db(), "o-1").await.unwrap()), [("A", 2), ("B", 3)], "{backend:?}");
+            assert_eq!(levels(&mut ctx).await, [(10, 0), (10, 0)], "{backend:?}: released, back to available");
+            assert!(release_reservation(ctx.db(), "o-1").await.unwrap().is_empty(), "{backend:?}: already released");
+            sell(&mut ctx, &["o-1"]).await;
+            assert_eq!(levels(&mut ctx).await, [(10, 0), (10, 0)], "{backend:?}: a released order sells nothing");
+            assert_eq!(states(&mut ctx, "o-1").await, ["released", "released"], "{backend:?}");
 
-        let (_store, mut ctx) = reserved().await;
-        sell(&mut ctx, &["o-1"]).await;
-        assert_eq!(levels(&mut ctx).await, [(8, 0), (7, 0)], "sold: out of reserved");
-        assert_eq!(states(&mut ctx, "o-1").await, ["committed", "committed"]);
-        sell(&mut ctx, &["o-1"]).await;
-        assert!(release_reservation(ctx.db(), "o-1").await.unwrap().is_empty(), "already sold");
-        assert_eq!(levels(&mut ctx).await, [(8, 0), (7, 0)], "unchanged");
-        assert!(release_reservation(ctx.db(), "o-2").await.unwrap().is_empty(), "nothing reserved");
+            let (_fresh, mut ctx) = reserved(backend).await;
+            sell(&mut ctx, &["o-1"]).await;
+            assert_eq!(levels(&mut ctx).await, [(8, 0), (7, 0)], "{backend:?}: sold, out of reserved");
+            assert_eq!(states(&mut ctx, "o-1").await, ["committed", "committed"], "{backend:?}");
+            sell(&mut ctx, &["o-1"]).await;
+            assert!(release_reservation(ctx.db(), "o-1").await.unwrap().is_empty(), "{backend:?}: already sold");
+            assert_eq!(levels(&mut ctx).await, [(8, 0), (7, 0)], "{backend:?}: unchanged");
+            assert!(release_reservation(ctx.db(), "o-2").await.unwrap().is_empty(), "{backend:?}: nothing reserved");
+        }
     }
 
     /// A batch's sales in one statement: each order paid in it is sold once, even when it comes
     /// twice, and the orders not in it keep their reservations.
     #[tokio::test]
     async fn a_batch_of_sales_sells_each_order_once() {
-        let (_store, mut ctx) = reserved().await;
-        for (order, items) in [("o-2", BTreeMap::from([("A".to_owned(), 1)])), ("o-3", BTreeMap::from([("B".to_owned(), 4)]))] {
-            assert!(matches!(reserve(ctx.db(), order, &items).await.unwrap(), Reservation::Reserved(_)));
+        for backend in BACKENDS {
+            let (_fresh, mut ctx) = reserved(backend).await;
+            for (order, items) in [("o-2", BTreeMap::from([("A".to_owned(), 1)])), ("o-3", BTreeMap::from([("B".to_owned(), 4)]))] {
+                assert!(matches!(reserve(ctx.db(), order, &items).await.unwrap(), Reservation::Reserved(_)), "{backend:?}");
+            }
+            assert_eq!(levels(&mut ctx).await, [(7, 3), (3, 7)], "{backend:?}");
+            sell(&mut ctx, &["o-1", "o-2", "o-1", "o-unknown"]).await;
+            assert_eq!(levels(&mut ctx).await, [(7, 0), (3, 4)], "{backend:?}: o-1's 2 A and 3 B and o-2's 1 A sold, o-3's 4 B still reserved");
+            assert_eq!(states(&mut ctx, "o-2").await, ["committed"], "{backend:?}");
+            assert_eq!(states(&mut ctx, "o-3").await, ["reserved"], "{backend:?}");
+            assert_eq!(ended(&release_reservation(ctx.db(), "o-3").await.unwrap()), [("B", 4)], "{backend:?}");
+            assert_eq!(levels(&mut ctx).await, [(7, 0), (7, 0)], "{backend:?}");
         }
-        assert_eq!(levels(&mut ctx).await, [(7, 3), (3, 7)]);
-        sell(&mut ctx, &["o-1", "o-2", "o-1", "o-unknown"]).await;
-        assert_eq!(levels(&mut ctx).await, [(7, 0), (3, 4)], "o-1's 2 A and 3 B and o-2's 1 A sold, o-3's 4 B still reserved");
-        assert_eq!(states(&mut ctx, "o-2").await, ["committed"]);
-        assert_eq!(states(&mut ctx, "o-3").await, ["reserved"]);
-        assert_eq!(ended(&release_reservation(ctx.db(), "o-3").await.unwrap()), [("B", 4)]);
-        assert_eq!(levels(&mut ctx).await, [(7, 0), (7, 0)]);
     }
 }
