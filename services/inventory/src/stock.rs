@@ -107,7 +107,7 @@ pub async fn release_reservation(db: &mut AnyConnection, order_id: &str) -> Resu
     let rows = if Backend::of(db) == Backend::Sqlite {
         // In one query. `changes()` is the count of the first statement: the stock moves only
         // if this call ended the lines.
-        ended_lines(sqlx::query(RELEASE_SQLITE).bind(order_id).fetch_all(&mut *db).await?)?
+        ended_lines(sqlx::query(&RELEASE_SQLITE).bind(order_id).fetch_all(&mut *db).await?)?
     } else {
         // Ending them first returns exactly the lines this call ends (none if already ended).
         let rows = ended_lines(sqlx::query(END_SQL).bind(order_id).fetch_all(&mut *db).await?)?;
@@ -126,9 +126,13 @@ const RELEASE_SQL: &str = "UPDATE inventory_items SET available = available + $1
 
 /// SQLite: [`END_SQL`], then the stock of the lines it ended moved back as [`RELEASE_SQL`]
 /// would, in one query.
-const RELEASE_SQLITE: &str = "UPDATE inventory_reservations SET state = 'released' WHERE order_id = $1 AND state = 'reserved' RETURNING sku, quantity; \
-     UPDATE inventory_items SET available = available + r.quantity, reserved = reserved - r.quantity FROM inventory_reservations AS r \
-     WHERE changes() > 0 AND r.order_id = $1 AND r.state = 'released' AND r.sku = inventory_items.sku";
+static RELEASE_SQLITE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{END_SQL}; UPDATE inventory_items SET available = available + r.quantity, reserved = reserved - r.quantity \
+         FROM inventory_reservations AS r \
+         WHERE changes() > 0 AND r.order_id = $1 AND r.state = 'released' AND r.sku = inventory_items.sku"
+    )
+});
 
 /// Sells orders' reservations: rows of `[order_id]`, written once per transaction for every paid
 /// order of a batch. The reserved lines of those orders are marked `committed`, and their units
