@@ -94,7 +94,18 @@ impl Platform {
     fn spawn(&mut self, name: &'static str, ops_addr: &str, amqp_url: &str, dir: &Path, env: &[(String, String)]) -> anyhow::Result<()> {
         let log_path = dir.join(format!("{name}.log"));
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut command = Command::new(self.bin_dir.join(format!("sluice-{name}")));
+        let binary = self.bin_dir.join(format!("sluice-{name}"));
+        // `SLUICE_BENCH_WRAP_GATEWAY="valgrind --tool=callgrind"` (or `_ORDERS`, ...) runs the
+        // process under that command, as `scripts/instructions` does to count its instructions.
+        let wrapper = std::env::var(format!("SLUICE_BENCH_WRAP_{}", name.to_uppercase())).unwrap_or_default();
+        let mut command = match wrapper.split_whitespace().collect::<Vec<_>>().split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
         match &self.otlp {
             Some(endpoint) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
             None => command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
