@@ -209,10 +209,10 @@ mod tracing_opentelemetry_ext {
         let path = request.uri().path();
         let span = tracing::info_span!(
             "grpc.request",
-            otel.name = %path.trim_start_matches('/'),
+            otel.name = path.trim_start_matches('/'),
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.method = %path,
+            rpc.method = path,
             order_id = tracing::field::Empty,
             event_id = tracing::field::Empty,
         );

@@ -174,9 +174,7 @@ impl OrderService for Orders {
             return Err(GatewayError::InvalidArgument(violations).into());
         }
         let (order_id, event_id) = order_ids(&request);
-        let span = tracing::Span::current();
-        span.record("order_id", order_id.as_str());
-        span.record("event_id", event_id.as_str());
+        tracing::record_all!(tracing::Span::current(), order_id = order_id.as_str(), event_id = event_id.as_str());
         let event = OrderCreated {
             order_id: order_id.clone(),
             customer_id: request.customer_id,

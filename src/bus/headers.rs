@@ -1,7 +1,7 @@
 //! The wire format of a Sluice message: AMQP properties, CloudEvents binary-mode headers,
 //! W3C trace context and Sluice's own bookkeeping headers (DESIGN §4).
 
-use std::{collections::HashMap, time::SystemTime};
+use std::time::SystemTime;
 
 use lapin::{
     BasicProperties,
@@ -41,10 +41,15 @@ pub struct TraceContext {
 impl TraceContext {
     /// The context of the current `tracing` span, through the global propagator.
     pub fn current() -> Self {
-        let context = tracing::Span::current().context();
-        let mut carrier = HashMap::new();
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MapInjector(&mut carrier)));
-        Self { traceparent: carrier.remove("traceparent"), tracestate: carrier.remove("tracestate") }
+        Self::of(&tracing::Span::current())
+    }
+
+    /// The context of `span`, through the global propagator.
+    pub fn of(span: &tracing::Span) -> Self {
+        let context = span.context();
+        let mut trace = Self::default();
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut trace));
+        trace
     }
 
     /// The context carried by a message's headers, as an OpenTelemetry parent.
@@ -53,11 +58,15 @@ impl TraceContext {
     }
 }
 
-struct MapInjector<'a>(&'a mut HashMap<String, String>);
-
-impl Injector for MapInjector<'_> {
+/// The propagator writes straight into the two fields (no map in between). An empty
+/// `tracestate` (the propagator always sets one) means none, and is not sent.
+impl Injector for TraceContext {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_owned(), value);
+        match key {
+            "traceparent" => self.traceparent = Some(value),
+            "tracestate" if !value.is_empty() => self.tracestate = Some(value),
+            _ => {}
+        }
     }
 }
 
@@ -129,13 +138,18 @@ pub struct Envelope {
 impl Envelope {
     /// Wraps a typed event, capturing the current trace context.
     pub fn of<E: Event>(event: &E, event_id: impl Into<String>) -> Self {
+        Self::traced(event, event_id, TraceContext::current())
+    }
+
+    /// [`Envelope::of`], carrying `trace`.
+    pub(crate) fn traced<E: Event>(event: &E, event_id: impl Into<String>, trace: TraceContext) -> Self {
         Self {
             event_id: event_id.into(),
             routing_key: E::ROUTING_KEY.to_owned(),
             type_name: E::FULL_NAME.to_owned(),
             correlation_id: event.order_id().filter(|id| !id.is_empty()).map(str::to_owned),
             occurred_at: now(),
-            trace: TraceContext::current(),
+            trace,
             body: event.encode_to_vec(),
         }
     }
