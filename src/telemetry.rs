@@ -208,11 +208,9 @@ where
         .with_context_activation(false)
         .with_tracked_inactivity(false)
         .with_threads(false)
+        .and_then(KeepIds)
         .with_filter(traced);
-    let named = KeepIds.with_filter(filter_fn(|meta: &Metadata<'_>| {
-        traced_span(meta) && NamedIds::FIELDS.iter().any(|name| meta.fields().field(name).is_some())
-    }));
-    let dispatch = Dispatch::new(tracing_subscriber::registry().with(named).with(fmt_layer).with(otel_layer));
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(fmt_layer).with(otel_layer));
     let _ = this.set(dispatch.downgrade());
     dispatch
 }
@@ -256,14 +254,27 @@ impl Visit for NamedIds {
     }
 }
 
-/// Keeps [`NamedIds`] in the extensions of the spans that declare those fields.
+/// Keeps [`NamedIds`] in the extensions of the traced spans that declare those fields.
+///
+/// It shares the OpenTelemetry layer's filter (every traced span) and picks the spans with ids
+/// itself: each filtered layer looks the span up in the registry on every enter, exit, record
+/// and close to ask its filter, and this layer acts only when a span is made or recorded.
 struct KeepIds;
+
+impl KeepIds {
+    fn keeps(meta: &Metadata<'_>) -> bool {
+        traced_span(meta) && NamedIds::FIELDS.iter().any(|name| meta.fields().field(name).is_some())
+    }
+}
 
 impl<S> Layer<S> for KeepIds
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        if !Self::keeps(attrs.metadata()) {
+            return;
+        }
         let mut ids = NamedIds::default();
         attrs.record(&mut ids);
         if let Some(span) = ctx.span(id) {
