@@ -121,7 +121,7 @@ impl Publisher {
     /// Publishes `body` with `properties` to `routing_key`; its PRODUCER `span` lasts until the
     /// confirm (or the failure). The span times the publish from its creation to its close, so
     /// it is not entered on each poll of the publish: that cost about 3 % of the gateway's
-    /// instructions per PlaceOrder (see "Instructions per call" in docs/benchmarks.md), and no
+    /// instructions per PlaceOrder (see "Instructions per message" in docs/benchmarks.md), and no
     /// line is logged inside.
     async fn send_traced(&self, routing_key: &str, properties: BasicProperties, body: impl AsRef<[u8]>, span: tracing::Span) -> Result<(), Error> {
         let sent = self.send(EXCHANGE, routing_key, properties, body).await;

@@ -25,6 +25,8 @@ struct Process {
     child: Child,
     /// Where it serves `/health` and `/metrics`.
     ops_addr: String,
+    /// Its stdout and stderr.
+    log: PathBuf,
 }
 
 /// The running processes. Dropping it stops whatever is still running.
@@ -99,17 +101,17 @@ impl Platform {
         platform.spawn("gateway", &ops_addr, amqp_url, dir, &[("SLUICE_GRPC_ADDR".into(), grpc_addr.to_string())])?;
         platform.wait_ready("gateway", &ops_addr)?;
         platform.grpc_addr = grpc_addr;
-        platform.all_running(dir)?;
+        platform.all_running()?;
         Ok(platform)
     }
 
     /// Fails if a process has exited, with the end of its log: a health probe answered by
     /// another process must not hide it (one full run on 2026-12-06 went on without inventory,
     /// which had exited 1, and measured nothing but `UNAVAILABLE`).
-    fn all_running(&mut self, dir: &Path) -> anyhow::Result<()> {
+    fn all_running(&mut self) -> anyhow::Result<()> {
         for process in &mut self.processes {
             if let Some(status) = process.child.try_wait()? {
-                let log = std::fs::read_to_string(dir.join(format!("{}.log", process.name))).unwrap_or_default();
+                let log = std::fs::read_to_string(&process.log).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 bail!("sluice-{} exited during start-up ({status}); its log ends: {}", process.name, tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
             }
@@ -148,7 +150,7 @@ impl Platform {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting sluice-{name}"))?;
-        self.processes.push(Process { name, child, ops_addr: ops_addr.to_owned() });
+        self.processes.push(Process { name, child, ops_addr: ops_addr.to_owned(), log: log_path });
         Ok(())
     }
 
@@ -167,11 +169,7 @@ impl Platform {
             if probe.success() {
                 return Ok(());
             }
-            for process in &mut self.processes {
-                if let Some(status) = process.child.try_wait()? {
-                    bail!("sluice-{} exited during start-up ({status}); see its log", process.name);
-                }
-            }
+            self.all_running()?;
             std::thread::sleep(Duration::from_millis(200));
         }
         bail!("sluice-{name} was not ready within 60 s")
