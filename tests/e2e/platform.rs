@@ -86,11 +86,21 @@ async fn calls_fail_fast_when_the_service_behind_them_is_missing_or_silent() {
     channel.queue_declare("orders.get-order".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
     let status = client.get_order(GetOrderRequest { order_id: "o-1".into() }).await.expect_err("silent orders service");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // The header a client's deadline sends, over a client with no timer of its own: tonic's
+    // channel starts one from this header and would race the gateway's answer (it reports
+    // CANCELLED when it wins), so only the gateway can end this call. No Nagle delay either:
+    // the request's end would wait ~40 ms for an ACK while the server's timer runs.
+    let origin: tonic::codegen::http::Uri = format!("http://{addr}").parse().unwrap();
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let untimed = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build(connector);
+    let mut untimed = OrderServiceClient::with_origin(untimed, origin);
     let mut request = tonic::Request::new(GetOrderRequest { order_id: "o-1".into() });
-    // The header a client's deadline sends (set by hand: a client-side timer would race it).
     request.metadata_mut().insert("grpc-timeout", "200m".parse().unwrap());
-    let status = client.get_order(request).await.expect_err("caller deadline");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let started = tokio::time::Instant::now();
+    let status = untimed.get_order(request).await.expect_err("caller deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?} after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(2), "a caller deadline ends the call promptly: {:?}", started.elapsed());
 
     connection.close(200, "done".into()).await.unwrap();
     shutdown.trigger();
