@@ -416,7 +416,7 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: Vec<Envelope>) -> R
         return Ok(Vec::new());
     }
     if Backend::of(tx) == Backend::Sqlite {
-        let rows = bind_stage(sqlx::query(sqlite_stage_sql!("$1", "$2")), &envelopes).fetch_all(&mut *tx).await?;
+        let rows = bind_stage(sqlx::query(sqlite_stage_sql!("$1", "$2")), &envelopes)?.fetch_all(&mut *tx).await?;
         return with_seqs(envelopes, rows);
     }
     let now = unix_millis();
@@ -454,7 +454,7 @@ pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>, rows: Wri
             let returned = match rows.into_iter().next() {
                 None => {
                     let query = sqlx::query(concat!(sqlite_stage_sql!("$1", "$2"), "; COMMIT"));
-                    bind_stage(query, &envelopes).fetch_all(&mut writer.conn).await?
+                    bind_stage(query, &envelopes)?.fetch_all(&mut writer.conn).await?
                 }
                 Some((statement, rows)) if envelopes.is_empty() => {
                     sqlx::query(&statement.sqlite_then_commit).bind(json_array(rows)).execute(&mut writer.conn).await?;
@@ -463,7 +463,7 @@ pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>, rows: Wri
                 // The statement's `$1`, then the outbox's `$2` and `$3`; only the outbox returns rows.
                 Some((statement, rows)) => {
                     let query = sqlx::query(&statement.sqlite_then_stage_and_commit).bind(json_array(rows));
-                    bind_stage(query, &envelopes).fetch_all(&mut writer.conn).await?
+                    bind_stage(query, &envelopes)?.fetch_all(&mut writer.conn).await?
                 }
             };
             writer.open = false;
@@ -494,20 +494,29 @@ macro_rules! sqlite_stage_sql {
 use sqlite_stage_sql;
 
 /// `query` with the two parameters of SQLite's outbox insert bound next: `envelopes` and the time.
-fn bind_stage<'q>(query: Query<'q, sqlx::Any, AnyArguments<'q>>, envelopes: &[Envelope]) -> Query<'q, sqlx::Any, AnyArguments<'q>> {
-    let rows = json_array(envelopes.iter().map(|e| {
-        serde_json::json!([
-            e.event_id,
-            e.routing_key,
-            e.type_name,
-            e.correlation_id,
-            e.occurred_at.to_string(),
-            e.trace.traceparent,
-            e.trace.tracestate,
-            hex(&e.body),
-        ])
-    }));
-    query.bind(rows).bind(unix_millis())
+/// Each row is serialised from a tuple (a JSON array), not built as a `serde_json::Value` first:
+/// that copied every field into a tree of its own.
+fn bind_stage<'q>(
+    query: Query<'q, sqlx::Any, AnyArguments<'q>>,
+    envelopes: &[Envelope],
+) -> Result<Query<'q, sqlx::Any, AnyArguments<'q>>, sqlx::Error> {
+    let rows: Vec<_> = envelopes
+        .iter()
+        .map(|e| {
+            (
+                &e.event_id,
+                &e.routing_key,
+                &e.type_name,
+                &e.correlation_id,
+                e.occurred_at.to_string(),
+                &e.trace.traceparent,
+                &e.trace.tracestate,
+                hex::encode(&e.body),
+            )
+        })
+        .collect();
+    let rows = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    Ok(query.bind(rows).bind(unix_millis()))
 }
 
 /// Pairs each envelope with the `seq` of its row, from the insert's `RETURNING seq, event_id`
@@ -534,15 +543,6 @@ fn with_seqs(envelopes: Vec<Envelope>, rows: Vec<AnyRow>) -> Result<Vec<Staged>,
 /// bind. PostgreSQL keeps the multi-row statements (sqlx's `Any` driver binds no arrays).
 fn json_array<T: Into<serde_json::Value>>(values: impl IntoIterator<Item = T>) -> String {
     serde_json::Value::Array(values.into_iter().map(Into::into).collect()).to_string()
-}
-
-/// Lower-case hex of `bytes`, for SQLite's `unhex`.
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
 }
 
 /// `($1, $2), ($3, $4)`: the VALUES of a multi-row INSERT of `rows` rows of `columns` columns,
@@ -592,13 +592,7 @@ fn create_parent_dir(url: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::{hex, placeholders, placeholders_from};
-
-    #[test]
-    fn hex_is_two_lower_case_digits_per_byte() {
-        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
-        assert_eq!(hex(&[]), "");
-    }
+    use super::{placeholders, placeholders_from};
 
     #[test]
     fn placeholders_number_every_cell_once_row_by_row() {
