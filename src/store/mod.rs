@@ -433,7 +433,7 @@ pub(crate) async fn stage(tx: &mut AnyConnection, envelopes: Vec<Envelope>) -> R
                 .bind(&e.routing_key)
                 .bind(&e.type_name)
                 .bind(e.correlation_id.clone())
-                .bind(e.occurred_at.to_string())
+                .bind(crate::bus::headers::rfc3339(&e.occurred_at))
                 .bind(e.trace.traceparent.clone())
                 .bind(e.trace.tracestate.clone())
                 .bind(e.body.clone())
@@ -508,7 +508,7 @@ fn bind_stage<'q>(
                 &e.routing_key,
                 &e.type_name,
                 &e.correlation_id,
-                e.occurred_at.to_string(),
+                crate::bus::headers::rfc3339(&e.occurred_at),
                 &e.trace.traceparent,
                 &e.trace.tracestate,
                 hex::encode(&e.body),
