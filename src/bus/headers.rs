@@ -118,7 +118,7 @@ pub fn now() -> prost_types::Timestamp {
 
 /// `ts` as RFC 3339 text in UTC (`2026-12-07T00:51:56.08734434Z`), as the `cloudEvents_time`
 /// header and the outbox carry it; prost's `Timestamp` parses it back exactly. Formatted by
-/// `time`, in about a fifth of the instructions of prost's `Display` (seven padded integers
+/// `time`, in about a quarter of the instructions of prost's `Display` (seven padded integers
 /// through `core::fmt`), which it falls back to for years `time` does not format (beyond 0–9999).
 pub fn rfc3339(ts: &prost_types::Timestamp) -> String {
     let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
