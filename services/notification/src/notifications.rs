@@ -4,7 +4,7 @@ use std::sync::LazyLock;
 
 use sluice::bus::{Context, HandlerError};
 use sluice::events::{NotificationKind, NotificationSent};
-use sluice::store::Rows;
+use sluice::store::{Rows, SQLITE_GIVEN};
 
 /// One message for one customer about one order.
 #[derive(Debug)]
@@ -51,7 +51,7 @@ static RECORD: LazyLock<Rows> = LazyLock::new(|| {
     };
     Rows::new(
         // (The WHERE keeps SQLite from reading ON CONFLICT as a join's ON.)
-        insert("SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each($1) WHERE true"),
+        format!("{SQLITE_GIVEN} {}", insert("SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5 FROM given WHERE true")),
         insert("SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, (r ->> 5)::BIGINT FROM json_array_elements($1::JSON) AS j(r)"),
     )
 });

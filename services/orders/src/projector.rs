@@ -3,7 +3,7 @@
 use serde_json::json;
 use sluice::bus::{Context, Handler, HandlerError, Metadata};
 use sluice::pb::OrderStatus;
-use sluice::store::Rows;
+use sluice::store::{Rows, SQLITE_GIVEN};
 use std::sync::LazyLock;
 
 use crate::lifecycle::{self, Lifecycle};
@@ -93,15 +93,21 @@ static APPLY: LazyLock<Rows> = LazyLock::new(|| {
         )
     };
     // (The `WHERE true`s keep SQLite from reading ON CONFLICT as a join's ON.)
+    // Each statement reads the rows through `SQLITE_GIVEN`, and the lines' statement its lines
+    // through a second table of the same kind: each row and line converted once, not once per
+    // mention.
     let sqlite = [
-        upsert("SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each($1) WHERE true"),
-        history(
-            "SELECT e.value ->> 6, o.order_id, e.value ->> 7, e.value ->> 2, o.status, e.value ->> 8, e.value ->> 9 \
-             FROM json_each($1) AS e JOIN orders AS o ON o.order_id = e.value ->> 0 WHERE true",
+        format!("{SQLITE_GIVEN} {}", upsert("SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5 FROM given WHERE true")),
+        format!(
+            "{SQLITE_GIVEN} {}",
+            history(
+                "SELECT e.r ->> 6, o.order_id, e.r ->> 7, e.r ->> 2, o.status, e.r ->> 8, e.r ->> 9 \
+                 FROM given AS e JOIN orders AS o ON o.order_id = e.r ->> 0 WHERE true"
+            )
         ),
-        lines(
-            "SELECT e.value ->> 0, l.value ->> 0, l.value ->> 1, l.value ->> 2, l.value ->> 3, l.value ->> 4 \
-             FROM json_each($1) AS e, json_each(e.value, '$[10]') AS l WHERE true",
+        format!(
+            "{SQLITE_GIVEN}, lined(order_id, l) AS MATERIALIZED (SELECT e.r ->> 0, jsonb(l.value) FROM given AS e, json_each(e.r, '$[10]') AS l) {}",
+            lines("SELECT order_id, l ->> 0, l ->> 1, l ->> 2, l ->> 3, l ->> 4 FROM lined WHERE true")
         ),
     ]
     .join("; ");

@@ -20,7 +20,7 @@ use std::sync::LazyLock;
 
 use sluice::bus::{Context, HandlerError};
 use sluice::events::{PaymentCaptured, PaymentDeclined};
-use sluice::store::Rows;
+use sluice::store::{Rows, SQLITE_GIVEN};
 
 use crate::provider::{Charge, Sandbox};
 
@@ -63,7 +63,7 @@ async fn charge(provider: &Sandbox, bill: Bill<'_>, ctx: &mut Context) -> Result
 static RECORD: LazyLock<Rows> = LazyLock::new(|| {
     let insert = |source: &str| format!("INSERT INTO payments (order_id, payment_id, status, amount_cents, reason, created_at) {source}");
     Rows::new(
-        insert("SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each($1)"),
+        format!("{SQLITE_GIVEN} {}", insert("SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5 FROM given")),
         insert("SELECT r ->> 0, r ->> 1, r ->> 2, (r ->> 3)::BIGINT, r ->> 4, (r ->> 5)::BIGINT FROM json_array_elements($1::JSON) AS j(r)"),
     )
 });
