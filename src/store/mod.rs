@@ -30,6 +30,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::bus::{Envelope, Error, TraceContext};
 
+mod jsonb;
 mod tx;
 
 pub(crate) use tx::Tx;
@@ -339,11 +340,13 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
 /// `r ->> 1`, ... `FROM given` (the names PostgreSQL's `json_array_elements($1::JSON) AS j(r)`
 /// gives). Add more tables after a comma.
 ///
-/// Read straight from `json_each($1)`, every mention of `value` writes the row out as text again,
-/// and each `->>` reads that text back: orders' read model, which mentions it about 20 times per
-/// row, spent about a fifth of its instructions there. `MATERIALIZED` makes SQLite convert each
-/// row once (see "Each row read once" in docs/benchmarks.md).
-pub const SQLITE_GIVEN: &str = "WITH given(r) AS MATERIALIZED (SELECT jsonb(value) FROM json_each($1))";
+/// On SQLite `$1` is JSONB (see `jsonb.rs`), and each row is taken out of it as JSONB
+/// (`jsonb_extract`), once: `MATERIALIZED` keeps SQLite from doing it again for every mention of
+/// `r`. `json_each`'s own `value` would be the row written out as JSON text, every time it is
+/// mentioned, for each `->>` to parse again: orders' read model, which mentions it about 20
+/// times per row, spent about a fifth of its instructions there (see "Rows read once, as JSONB"
+/// in docs/benchmarks.md).
+pub const SQLITE_GIVEN: &str = "WITH given(r) AS MATERIALIZED (SELECT jsonb_extract($1, fullkey) FROM json_each($1))";
 
 /// A statement that writes rows for handlers (see [`crate::bus::Context::write`]). The bus runs
 /// it once per transaction, for every row the transaction's handlers gave it, after the last
@@ -351,9 +354,9 @@ pub const SQLITE_GIVEN: &str = "WITH given(r) AS MATERIALIZED (SELECT jsonb(valu
 /// handlers make one round trip to the database between them instead of one each.
 ///
 /// Its one parameter, `$1`, is the rows as a JSON array, each row the JSON value a handler
-/// gave (an array of its columns, say): SQLite reads it best through [`SQLITE_GIVEN`]
-/// (`r ->> 0`, ... `FROM given`), PostgreSQL with `json_array_elements($1::JSON) AS j(r)`. It
-/// must return no rows. The rows of
+/// gave (an array of its columns, say): on SQLite as JSONB, read through [`SQLITE_GIVEN`]
+/// (`r ->> 0`, ... `FROM given`), on PostgreSQL as JSON text, read with
+/// `json_array_elements($1::JSON) AS j(r)`. It must return no rows. The rows of
 /// one statement are in the order they were given, and statements run in the order each was
 /// first given a row.
 #[derive(Debug)]
@@ -411,7 +414,12 @@ pub(crate) fn add_rows(written: &mut Written, more: Written) {
 pub(crate) async fn write_rows(tx: &mut AnyConnection, written: Written) -> Result<(), sqlx::Error> {
     let backend = Backend::of(tx);
     for (statement, rows) in written {
-        sqlx::query(statement.sql(backend)).bind(json_array(rows)).execute(&mut *tx).await?;
+        let query = sqlx::query(statement.sql(backend));
+        let query = match backend {
+            Backend::Sqlite => query.bind(jsonb::array(&rows)?),
+            Backend::Postgres => query.bind(json_array(rows)),
+        };
+        query.execute(&mut *tx).await?;
     }
     Ok(())
 }
@@ -469,12 +477,12 @@ pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>, rows: Wri
                     bind_stage(query, &envelopes)?.fetch_all(&mut writer.conn).await?
                 }
                 Some((statement, rows)) if envelopes.is_empty() => {
-                    sqlx::query(&statement.sqlite_then_commit).bind(json_array(rows)).execute(&mut writer.conn).await?;
+                    sqlx::query(&statement.sqlite_then_commit).bind(jsonb::array(&rows)?).execute(&mut writer.conn).await?;
                     Vec::new()
                 }
                 // The statement's `$1`, then the outbox's `$2` and `$3`; only the outbox returns rows.
                 Some((statement, rows)) => {
-                    let query = sqlx::query(&statement.sqlite_then_stage_and_commit).bind(json_array(rows));
+                    let query = sqlx::query(&statement.sqlite_then_stage_and_commit).bind(jsonb::array(&rows)?);
                     bind_stage(query, &envelopes)?.fetch_all(&mut writer.conn).await?
                 }
             };
@@ -495,7 +503,9 @@ macro_rules! sqlite_stage_sql {
     ($rows:literal, $now:literal) => {
         // As [`SQLITE_GIVEN`] does, with the rows' parameter named.
         concat!(
-            "WITH given(r) AS MATERIALIZED (SELECT jsonb(value) FROM json_each(",
+            "WITH given(r) AS MATERIALIZED (SELECT jsonb_extract(",
+            $rows,
+            ", fullkey) FROM json_each(",
             $rows,
             ")) INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
              SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, r ->> 6, unhex(r ->> 7), ",
@@ -506,30 +516,27 @@ macro_rules! sqlite_stage_sql {
 }
 use sqlite_stage_sql;
 
-/// `query` with the two parameters of SQLite's outbox insert bound next: `envelopes` and the time.
-/// Each row is serialised from a tuple (a JSON array), not built as a `serde_json::Value` first:
-/// that copied every field into a tree of its own.
+/// `query` with the two parameters of SQLite's outbox insert bound next: `envelopes` (as JSONB,
+/// each a row of its columns, written straight from its fields) and the time.
 fn bind_stage<'q>(
     query: Query<'q, sqlx::Any, AnyArguments<'q>>,
     envelopes: &[Envelope],
 ) -> Result<Query<'q, sqlx::Any, AnyArguments<'q>>, sqlx::Error> {
-    let rows: Vec<_> = envelopes
-        .iter()
-        .map(|e| {
-            (
-                &e.event_id,
-                &e.routing_key,
-                &e.type_name,
-                &e.correlation_id,
-                crate::bus::headers::rfc3339(&e.occurred_at),
-                &e.trace.traceparent,
-                &e.trace.tracestate,
-                hex::encode(&e.body),
-            )
-        })
-        .collect();
-    let rows = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    Ok(query.bind(rows).bind(unix_millis()))
+    let mut rows = jsonb::Jsonb::default();
+    rows.begin_array();
+    for e in envelopes {
+        rows.begin_array()
+            .text(&e.event_id)
+            .text(&e.routing_key)
+            .text(&e.type_name)
+            .text_or_null(e.correlation_id.as_deref())
+            .text(&crate::bus::headers::rfc3339(&e.occurred_at))
+            .text_or_null(e.trace.traceparent.as_deref())
+            .text_or_null(e.trace.tracestate.as_deref())
+            .text(&hex::encode(&e.body))
+            .end();
+    }
+    Ok(query.bind(rows.finish()?).bind(unix_millis()))
 }
 
 /// Pairs each envelope with the `seq` of its row, from the insert's `RETURNING seq, event_id`
@@ -548,9 +555,10 @@ fn with_seqs(envelopes: Vec<Envelope>, rows: Vec<AnyRow>) -> Result<Vec<Staged>,
         .collect()
 }
 
-/// A JSON array, bound as one parameter of the SQLite statements that take many rows
-/// (`json_each`). Their text is then the same whatever the number of rows, so SQLite prepares
-/// each once and sqlx's statement cache keeps it; with one `$n` per cell, every batch size
+/// A JSON array, bound as one parameter of the statements that take many values: SQLite's
+/// (`json_each`) for ids, PostgreSQL's for [`Rows`] (SQLite's take JSONB, see `jsonb.rs`).
+/// Their text is then the same whatever the number of rows, so SQLite prepares each once and
+/// sqlx's statement cache keeps it; with one `$n` per cell, every batch size
 /// was a statement of its own, parsed again whenever the cache had let it go, and SQLite
 /// resolves `$n` names by a linear search, so a statement of n cells cost n² to prepare and
 /// bind. PostgreSQL keeps the multi-row statements (sqlx's `Any` driver binds no arrays).
