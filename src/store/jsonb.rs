@@ -1,8 +1,8 @@
 //! SQLite's binary JSON, JSONB (<https://sqlite.org/jsonb.html>), written directly: the rows a
 //! batch gives one statement travel to SQLite as one JSONB blob, which its JSON functions read
 //! as it is. As JSON text, every statement parsed the whole batch again, and each row's text
-//! was written out and parsed once more to make the row a value of its own (see "Rows as
-//! JSONB" in docs/benchmarks.md).
+//! was written out and parsed once more to make the row a value of its own (see "Rows read once,
+//! as JSONB" in docs/benchmarks.md).
 //!
 //! An element is a header (its type in the low 4 bits of the first byte, the size of its payload
 //! in the high 4 bits or in the 1, 2 or 4 bytes after it) and a payload: a number's text, a

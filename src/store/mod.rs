@@ -343,9 +343,9 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
 /// On SQLite `$1` is JSONB (see `jsonb.rs`), and each row is taken out of it as JSONB
 /// (`jsonb_extract`), once: `MATERIALIZED` keeps SQLite from doing it again for every mention of
 /// `r`. `json_each`'s own `value` would be the row written out as JSON text, every time it is
-/// mentioned, for each `->>` to parse again: orders' read model, which mentions it about 20
-/// times per row, spent about a fifth of its instructions there (see "Rows read once, as JSONB"
-/// in docs/benchmarks.md).
+/// mentioned, for each `->>` to parse again: in orders' read model, which mentions it about 20
+/// times per row, SQLite's JSON functions were about 40 % of the service's instructions (see
+/// "Rows read once, as JSONB" in docs/benchmarks.md).
 pub const SQLITE_GIVEN: &str = "WITH given(r) AS MATERIALIZED (SELECT jsonb_extract($1, fullkey) FROM json_each($1))";
 
 /// A statement that writes rows for handlers (see [`crate::bus::Context::write`]). The bus runs
