@@ -335,6 +335,14 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
     Ok(())
 }
 
+/// [`SQLITE_GIVEN`] with the rows' parameter named, a macro for `concat!` (the outbox's insert
+/// takes its rows as `$2` when it follows a [`Rows`] statement).
+macro_rules! sqlite_given {
+    ($rows:literal) => {
+        concat!("WITH given(r) AS MATERIALIZED (SELECT jsonb_extract(", $rows, ", fullkey) FROM json_each(", $rows, "))")
+    };
+}
+
 /// SQLite: the rows of a [`Rows`] statement's `$1` as a table, `given`, of one column, `r`, each
 /// row as JSONB: a statement starts with it and reads the columns of a row as `r ->> 0`,
 /// `r ->> 1`, ... `FROM given` (the names PostgreSQL's `json_array_elements($1::JSON) AS j(r)`
@@ -346,7 +354,7 @@ pub(crate) async fn unclaim(tx: &mut AnyConnection, event_ids: &[&str], handler:
 /// mentioned, for each `->>` to parse again: in orders' read model, which mentions it about 20
 /// times per row, SQLite's JSON functions were about 40 % of the service's instructions (see
 /// "Rows read once, as JSONB" in docs/benchmarks.md).
-pub const SQLITE_GIVEN: &str = "WITH given(r) AS MATERIALIZED (SELECT jsonb_extract($1, fullkey) FROM json_each($1))";
+pub const SQLITE_GIVEN: &str = sqlite_given!("$1");
 
 /// A statement that writes rows for handlers (see [`crate::bus::Context::write`]). The bus runs
 /// it once per transaction, for every row the transaction's handlers gave it, after the last
@@ -501,13 +509,9 @@ pub(crate) async fn stage_and_commit(tx: Tx, envelopes: Vec<Envelope>, rows: Wri
 /// SQLite's statement of [`stage`], its two parameters named, a macro for `concat!`.
 macro_rules! sqlite_stage_sql {
     ($rows:literal, $now:literal) => {
-        // As [`SQLITE_GIVEN`] does, with the rows' parameter named.
         concat!(
-            "WITH given(r) AS MATERIALIZED (SELECT jsonb_extract(",
-            $rows,
-            ", fullkey) FROM json_each(",
-            $rows,
-            ")) INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
+            sqlite_given!($rows),
+            " INSERT INTO sluice_outbox (event_id, routing_key, type_name, correlation_id, occurred_at, traceparent, tracestate, body, created_at) \
              SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, r ->> 6, unhex(r ->> 7), ",
             $now,
             " FROM given RETURNING seq, event_id"
@@ -561,7 +565,8 @@ fn with_seqs(envelopes: Vec<Envelope>, rows: Vec<AnyRow>) -> Result<Vec<Staged>,
 /// sqlx's statement cache keeps it; with one `$n` per cell, every batch size
 /// was a statement of its own, parsed again whenever the cache had let it go, and SQLite
 /// resolves `$n` names by a linear search, so a statement of n cells cost n² to prepare and
-/// bind. PostgreSQL keeps the multi-row statements (sqlx's `Any` driver binds no arrays).
+/// bind. PostgreSQL's inbox and outbox keep multi-row statements (sqlx's `Any` driver binds
+/// no arrays).
 fn json_array<T: Into<serde_json::Value>>(values: impl IntoIterator<Item = T>) -> String {
     serde_json::Value::Array(values.into_iter().map(Into::into).collect()).to_string()
 }
