@@ -598,10 +598,15 @@ impl ConsumerBuilder {
             intake: intake.clone(),
             tracker: tracker.clone(),
             prefetch,
-            batch: self.config.batch.unwrap_or(match self.store.backend() {
-                store::Backend::Sqlite => prefetch,
-                store::Backend::Postgres => 1,
-            }),
+            // No batch can hold more than the prefetch: the broker sends no more.
+            batch: self
+                .config
+                .batch
+                .unwrap_or(match self.store.backend() {
+                    store::Backend::Sqlite => prefetch,
+                    store::Backend::Postgres => 1,
+                })
+                .min(prefetch),
         };
         let link = Link::open(&self.config.url, &format!("{}.consumer", self.service), session).await?;
         let relay_stop = CancellationToken::new();
@@ -625,6 +630,15 @@ struct Consuming {
     prefetch: u16,
     /// Deliveries per transaction (1: each delivery on its own, `prefetch` at a time).
     batch: u16,
+}
+
+/// How a queue's consumer gathers a batch.
+#[derive(Clone, Copy)]
+struct Gather {
+    /// The most deliveries of a batch.
+    max: usize,
+    /// How long to wait for more once one has arrived ([`BusConfig::batch_linger`]).
+    linger: Duration,
 }
 
 impl Session for Consuming {
@@ -651,7 +665,8 @@ impl Session for Consuming {
                 let batch = usize::from(self.batch);
                 if batch > 1 {
                     let stop = intake.clone();
-                    self.tracker.spawn(batch_loop(stream, intake, self.shared.store.clone(), batch, move |deliveries, turn| {
+                    let gather = Gather { max: batch, linger: config.batch_linger };
+                    self.tracker.spawn(batch_loop(stream, intake, self.shared.store.clone(), gather, move |deliveries, turn| {
                         let (route, shared, stop) = (route.clone(), shared.clone(), stop.clone());
                         async move {
                             let count = deliveries.len();
@@ -727,14 +742,16 @@ where
     }
 }
 
-/// Pulls deliveries until intake stops or the channel dies, and hands them over in batches:
-/// whatever has arrived (at most `max`) when the previous batch is done and the store gives
-/// this queue its turn. One batch at a time, so a queue's deliveries never contend for the
-/// database among themselves; and since the batch is gathered once the turn has come, the
-/// deliveries that arrived while other queues of the service held the database share one
-/// transaction. `handle` gets the turn with the batch, to give it back as soon as it is done
-/// with the database (before it talks to the broker).
-async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, store: Store, max: usize, handle: F)
+/// Pulls deliveries until intake stops or the channel dies, and hands them over in batches.
+/// Once a delivery has arrived, it waits up to `gather.linger` for more (a lone delivery makes
+/// a transaction of its own, and at a few deliveries per transaction the transaction's own cost
+/// is most of a delivery's); then it waits for the store to give this queue its turn, and takes
+/// every delivery that arrived meanwhile, up to `gather.max` in all. One batch at a time, so a
+/// queue's deliveries never contend for the database among themselves; and since the batch
+/// is completed once the turn has come, the deliveries that arrived while other queues of the
+/// service held the database share one transaction. `handle` gets the turn with the batch, to
+/// give it back as soon as it is done with the database (before it talks to the broker).
+async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, store: Store, gather: Gather, handle: F)
 where
     F: Fn(Vec<Delivery>, Turn) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -746,28 +763,28 @@ where
             _ = intake.cancelled() => return,
             next = stream.next() => next,
         };
-        let mut batch = match next {
-            Some(Ok(delivery)) => vec![delivery],
-            Some(Err(error)) => {
-                tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
-                return;
-            }
-            None => return,
-        };
-        let turn = store.turn().await;
+        let mut batch = Vec::new();
+        if !gathered(next, &mut batch) {
+            return;
+        }
         let mut ended = false;
-        while batch.len() < max {
+        if !gather.linger.is_zero() {
+            let lingered = tokio::time::sleep(gather.linger);
+            tokio::pin!(lingered);
+            while batch.len() < gather.max && !ended {
+                tokio::select! {
+                    // Shutdown ends the wait; the batch then starts nothing (see `process_batch`).
+                    biased;
+                    _ = intake.cancelled() => break,
+                    next = stream.next() => ended = !gathered(next, &mut batch),
+                    _ = &mut lingered => break,
+                }
+            }
+        }
+        let turn = store.turn().await;
+        while batch.len() < gather.max && !ended {
             match stream.next().now_or_never() {
-                Some(Some(Ok(delivery))) => batch.push(delivery),
-                Some(Some(Err(error))) => {
-                    tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
-                    ended = true;
-                    break;
-                }
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
+                Some(next) => ended = !gathered(next, &mut batch),
                 None => break,
             }
         }
@@ -775,6 +792,22 @@ where
         if ended {
             return;
         }
+    }
+}
+
+/// Adds what a consumer stream gave to `batch`; `false` if the stream has ended (the channel
+/// failed or was closed).
+fn gathered(next: Option<lapin::Result<Delivery>>, batch: &mut Vec<Delivery>) -> bool {
+    match next {
+        Some(Ok(delivery)) => {
+            batch.push(delivery);
+            true
+        }
+        Some(Err(error)) => {
+            tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
+            false
+        }
+        None => false,
     }
 }
 

@@ -407,13 +407,22 @@ impl Handler<OrderCreated> for Holder {
     }
 }
 
-/// Records its effect; its queue's name is this test's alone, so its metrics are too.
+/// Records its effect. Its name, and so its queue's, is one test's alone, and so are that
+/// queue's metrics.
 #[derive(Clone)]
-struct Waiter;
+struct Recorder(&'static str);
 
-impl Handler<OrderCreated> for Waiter {
+impl Recorder {
+    /// Transactions its queue has run in this process.
+    fn batches(&self) -> u64 {
+        let queue = sluice::metrics::Queue { queue: format!("test.{}", self.0) };
+        sluice::metrics::metrics().batches.get_or_create(&queue).get()
+    }
+}
+
+impl Handler<OrderCreated> for Recorder {
     fn name(&self) -> String {
-        "waiter".into()
+        self.0.into()
     }
 
     async fn handle(&self, _event: OrderCreated, ctx: &mut Context) -> Result<(), HandlerError> {
@@ -427,7 +436,7 @@ async fn a_queue_that_waited_for_the_database_handles_what_arrived_meanwhile_in_
     let rig = Rig::new(Backend::Sqlite, |_| {}).await;
     let holder = Holder { gate: Arc::new(Semaphore::new(0)), started: Arc::default() };
     // Both handlers take every order.created, each from its own queue of the one service.
-    let consumer = Consumer::builder("test", &rig.bus, &rig.store).on(holder.clone()).on(Waiter).start().await.unwrap();
+    let consumer = Consumer::builder("test", &rig.bus, &rig.store).on(holder.clone()).on(Recorder("waiter")).start().await.unwrap();
     let shutdown = Shutdown::new();
     let running = Running { shutdown: shutdown.clone(), task: tokio::spawn(consumer.run(shutdown)) };
 
@@ -436,8 +445,7 @@ async fn a_queue_that_waited_for_the_database_handles_what_arrived_meanwhile_in_
     eventually(|| async { Some(*holder.started.lock().unwrap()) }, |n| *n == 1, &mut last).await.expect("the holder runs");
     // The holder's transaction holds SQLite's one connection. "first" may or may not have been
     // handled by the waiter before that; what the waiter has now is the baseline.
-    let batches = || sluice::metrics::metrics().batches.get_or_create(&sluice::metrics::Queue { queue: "test.waiter".into() }).get();
-    let before = batches();
+    let before = Recorder("waiter").batches();
     let ids: Vec<String> = (0..20).map(|i| format!("meanwhile-{i}")).collect();
     for id in &ids {
         rig.publish(id).await;
@@ -451,11 +459,53 @@ async fn a_queue_that_waited_for_the_database_handles_what_arrived_meanwhile_in_
         rig.wait_effect(id).await;
     }
     assert_eq!(
-        batches() - before,
+        Recorder("waiter").batches() - before,
         1,
         "everything the waiter received while the holder held the database (the 20, and \"first\" if it was still waiting) shared one transaction"
     );
     running.stop().await;
+}
+
+/// SQLite: once a delivery has arrived, its consumer waits up to `batch_linger` for more before
+/// it begins a transaction, so deliveries that trickle in share one; and it waits no longer
+/// when no more come (five are far from a full batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_that_trickle_in_within_the_linger_share_one_transaction() {
+    let linger = Duration::from_secs(2);
+    let rig = Rig::new(Backend::Sqlite, |bus| bus.batch_linger = linger).await;
+    let recorder = Recorder("trickle");
+    let running = rig.run(recorder.clone()).await;
+    let before = recorder.batches();
+    let started = Instant::now();
+    let ids: Vec<String> = (0..5).map(|i| format!("trickle-{i}")).collect();
+    for id in &ids {
+        rig.publish(id).await; // one at a time: each confirmed before the next is sent
+    }
+    for id in &ids {
+        rig.wait_effect(id).await;
+    }
+    let waited = started.elapsed();
+    assert_eq!(recorder.batches() - before, 1, "the five shared one transaction");
+    assert!(waited >= linger, "the first delivery waited for company: all handled after {waited:?}");
+    running.stop().await;
+}
+
+/// Shutdown ends a consumer's wait for company (here by cancelling the consumer, which ends its
+/// stream; the intake's cancellation ends it too, for a broker that does not answer the cancel):
+/// the delivery it held had not started, so it goes back to its queue, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_the_wait_for_a_batch_and_leaves_its_delivery_queued() {
+    let rig = Rig::new(Backend::Sqlite, |bus| bus.batch_linger = Duration::from_secs(600)).await;
+    let handler = Flaky::default();
+    let running = rig.run(handler.clone()).await;
+    rig.publish("alone").await;
+    let mut ready = None;
+    eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut ready).await.expect("the consumer holds it");
+
+    tokio::time::timeout(Duration::from_secs(30), running.stop()).await.expect("shutdown waited out the linger");
+    assert!(handler.calls.lock().unwrap().is_empty(), "the handler never ran");
+    assert_eq!(rig.ready("test.flaky").await, 1, "the delivery went back to its queue");
+    assert_eq!(rig.effects("alone").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
