@@ -155,10 +155,11 @@ pub struct BusConfig {
     /// `None` picks by database: SQLite (one writer) batches up to `prefetch`, one batch at a
     /// time per queue; PostgreSQL runs one transaction per delivery, `prefetch` at a time.
     pub batch: Option<u16>,
-    /// How long a batching queue's consumer waits for more deliveries once one has arrived,
-    /// before it takes its turn at the database (`SLUICE_BATCH_LINGER_MS`, default 5 ms; 0 does
-    /// not wait). It stops waiting as soon as the batch is full. Only with batches of more than
-    /// one delivery.
+    /// How long a delivery that came within this long of its queue's previous one waits for
+    /// more, before its consumer takes the queue's turn at the database
+    /// (`SLUICE_BATCH_LINGER_MS`, default 5 ms; 0 never waits). The wait ends as soon as the
+    /// batch is full; a delivery after a longer pause does not wait. Only with batches of more
+    /// than one delivery.
     pub batch_linger: Duration,
     /// Type of the durable handler queues and dead-letter queues.
     pub queue_type: QueueType,

@@ -466,15 +466,23 @@ async fn a_queue_that_waited_for_the_database_handles_what_arrived_meanwhile_in_
     running.stop().await;
 }
 
-/// SQLite: once a delivery has arrived, its consumer waits up to `batch_linger` for more before
-/// it begins a transaction, so deliveries that trickle in share one; and it waits no longer
-/// when no more come (five are far from a full batch).
+/// SQLite: a delivery that comes after a pause runs at once; one that comes within
+/// `batch_linger` of the one before waits up to `batch_linger` for more before it begins a
+/// transaction, so deliveries that trickle in share one; and it waits no longer than that when
+/// no more come (five are far from a full batch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_that_trickle_in_within_the_linger_share_one_transaction() {
-    let linger = Duration::from_secs(2);
+    let linger = Duration::from_secs(3);
     let rig = Rig::new(Backend::Sqlite, |bus| bus.batch_linger = linger).await;
     let recorder = Recorder("trickle");
     let running = rig.run(recorder.clone()).await;
+
+    let started = Instant::now();
+    rig.publish("after-a-pause").await;
+    rig.wait_effect("after-a-pause").await;
+    let alone = started.elapsed();
+    assert!(alone < linger, "the first delivery in a while did not wait for company: handled after {alone:?}");
+
     let before = recorder.batches();
     let started = Instant::now();
     let ids: Vec<String> = (0..5).map(|i| format!("trickle-{i}")).collect();
@@ -486,7 +494,7 @@ async fn deliveries_that_trickle_in_within_the_linger_share_one_transaction() {
     }
     let waited = started.elapsed();
     assert_eq!(recorder.batches() - before, 1, "the five shared one transaction");
-    assert!(waited >= linger, "the first delivery waited for company: all handled after {waited:?}");
+    assert!(waited >= linger, "the first of the five waited for company: all handled after {waited:?}");
     running.stop().await;
 }
 
@@ -498,14 +506,17 @@ async fn shutdown_ends_the_wait_for_a_batch_and_leaves_its_delivery_queued() {
     let rig = Rig::new(Backend::Sqlite, |bus| bus.batch_linger = Duration::from_secs(600)).await;
     let handler = Flaky::default();
     let running = rig.run(handler.clone()).await;
-    rig.publish("alone").await;
+    rig.publish("first").await;
+    rig.wait_effect("first").await;
+    // Within the linger of "first": it waits for company.
+    rig.publish("held").await;
     let mut ready = None;
     eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut ready).await.expect("the consumer holds it");
 
     tokio::time::timeout(Duration::from_secs(30), running.stop()).await.expect("shutdown waited out the linger");
-    assert!(handler.calls.lock().unwrap().is_empty(), "the handler never ran");
+    assert!(!handler.calls.lock().unwrap().contains_key("held"), "its handler never ran");
     assert_eq!(rig.ready("test.flaky").await, 1, "the delivery went back to its queue");
-    assert_eq!(rig.effects("alone").await, 0);
+    assert_eq!(rig.effects("held").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
