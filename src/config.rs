@@ -155,8 +155,8 @@ pub struct BusConfig {
     /// `None` picks by database: SQLite (one writer) batches up to `prefetch`, one batch at a
     /// time per queue; PostgreSQL runs one transaction per delivery, `prefetch` at a time.
     pub batch: Option<u16>,
-    /// How long a delivery that came within this long of its queue's previous one waits for
-    /// more, before its consumer takes the queue's turn at the database
+    /// How long a delivery that came within this long of the end of its queue's previous batch
+    /// waits for more, before its consumer takes the queue's turn at the database
     /// (`SLUICE_BATCH_LINGER_MS`, default 5 ms; 0 never waits). The wait ends as soon as the
     /// batch is full; a delivery after a longer pause does not wait. Only with batches of more
     /// than one delivery.

@@ -743,12 +743,12 @@ where
 }
 
 /// Pulls deliveries until intake stops or the channel dies, and hands them over in batches.
-/// Once a delivery has arrived, and if the one before it came less than `gather.linger` earlier,
-/// it waits up to `gather.linger` for more: at a few deliveries per transaction the
-/// transaction's own cost is most of a delivery's, while on a quiet queue (and after a pause)
-/// waiting would only add latency. Then it waits for the store to give this queue its turn, and
-/// takes every delivery that arrived meanwhile, up to `gather.max` in all. One batch at a time, so a
-/// queue's deliveries never contend for the database among themselves; and since the batch
+/// A delivery that comes less than `gather.linger` after the previous batch was done (at once,
+/// if it was waiting meanwhile) waits up to `gather.linger` for more: at a few deliveries per
+/// transaction the transaction's own cost is most of a delivery's. On a quiet queue, and after a
+/// pause, waiting would only add latency, and the delivery goes at once. Then the batch waits
+/// for the store to give this queue its turn, and takes every delivery that arrived meanwhile,
+/// up to `gather.max` in all. One batch at a time, so a queue's deliveries never contend for the database among themselves; and since the batch
 /// is completed once the turn has come, the deliveries that arrived while other queues of the
 /// service held the database share one transaction. `handle` gets the turn with the batch, to
 /// give it back as soon as it is done with the database (before it talks to the broker).
@@ -757,8 +757,8 @@ where
     F: Fn(Vec<Delivery>, Turn) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    // When the latest delivery was taken from the stream.
-    let mut latest: Option<Instant> = None;
+    // When the previous batch was done.
+    let mut done: Option<Instant> = None;
     loop {
         let next = tokio::select! {
             // Shutdown wins over a delivery that is already waiting: nothing new starts.
@@ -771,10 +771,8 @@ where
         if !gathered(next, &mut batch) {
             return;
         }
-        let busy = latest.is_some_and(|at| arrived - at < gather.linger);
-        latest = Some(arrived);
         let mut ended = false;
-        if busy {
+        if done.is_some_and(|at| arrived - at < gather.linger) {
             let lingered = tokio::time::sleep(gather.linger);
             tokio::pin!(lingered);
             while batch.len() < gather.max && !ended {
@@ -785,22 +783,17 @@ where
                     next = stream.next() => ended = !gathered(next, &mut batch),
                     _ = &mut lingered => break,
                 }
-                latest = Some(Instant::now());
             }
         }
         let turn = store.turn().await;
-        let gathered_before = batch.len();
         while batch.len() < gather.max && !ended {
             match stream.next().now_or_never() {
                 Some(next) => ended = !gathered(next, &mut batch),
                 None => break,
             }
         }
-        if batch.len() > gathered_before {
-            // They arrived while the batch waited for its turn.
-            latest = Some(Instant::now());
-        }
         handle(batch, turn).await;
+        done = Some(Instant::now());
         if ended {
             return;
         }

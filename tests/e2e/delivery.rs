@@ -467,8 +467,8 @@ async fn a_queue_that_waited_for_the_database_handles_what_arrived_meanwhile_in_
 }
 
 /// SQLite: a delivery that comes after a pause runs at once; one that comes within
-/// `batch_linger` of the one before waits up to `batch_linger` for more before it begins a
-/// transaction, so deliveries that trickle in share one; and it waits no longer than that when
+/// `batch_linger` of the end of the previous batch waits up to `batch_linger` for more before it
+/// begins a transaction, so deliveries that trickle in share one; and it waits no longer than that when
 /// no more come (five are far from a full batch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_that_trickle_in_within_the_linger_share_one_transaction() {
@@ -508,7 +508,7 @@ async fn shutdown_ends_the_wait_for_a_batch_and_leaves_its_delivery_queued() {
     let running = rig.run(handler.clone()).await;
     rig.publish("first").await;
     rig.wait_effect("first").await;
-    // Within the linger of "first": it waits for company.
+    // Within the linger of the end of "first"'s batch: it waits for company.
     rig.publish("held").await;
     let mut ready = None;
     eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut ready).await.expect("the consumer holds it");
