@@ -637,7 +637,7 @@ struct Consuming {
 struct Gather {
     /// The most deliveries of a batch.
     max: usize,
-    /// How long to wait for more once one has arrived ([`BusConfig::batch_linger`]).
+    /// How long a busy queue's delivery waits for more ([`BusConfig::batch_linger`]).
     linger: Duration,
 }
 
@@ -748,9 +748,10 @@ where
 /// transaction the transaction's own cost is most of a delivery's. On a quiet queue, and after a
 /// pause, waiting would only add latency, and the delivery goes at once. Then the batch waits
 /// for the store to give this queue its turn, and takes every delivery that arrived meanwhile,
-/// up to `gather.max` in all. One batch at a time, so a queue's deliveries never contend for the database among themselves; and since the batch
-/// is completed once the turn has come, the deliveries that arrived while other queues of the
-/// service held the database share one transaction. `handle` gets the turn with the batch, to
+/// up to `gather.max` in all. One batch at a time, so a queue's deliveries never contend for
+/// the database among themselves; and since the batch is completed once the turn has come, the
+/// deliveries that arrived while other queues of the service held the database share one
+/// transaction. `handle` gets the turn with the batch, to
 /// give it back as soon as it is done with the database (before it talks to the broker).
 async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, store: Store, gather: Gather, handle: F)
 where

@@ -21,7 +21,7 @@ use sluice::store::{Migration, Rows, Store};
 use sqlx::Row;
 use tokio::sync::Semaphore;
 
-use crate::support::{broker, database::{Backend, Databases}, eventually, take_next};
+use crate::support::{broker, database::{Backend, Databases}, eventually, proxy::Proxy, take_next};
 
 const EFFECTS: &[Migration] = &[
     Migration {
@@ -516,6 +516,37 @@ async fn shutdown_ends_the_wait_for_a_batch_and_leaves_its_delivery_queued() {
     tokio::time::timeout(Duration::from_secs(30), running.stop()).await.expect("shutdown waited out the linger");
     assert!(!handler.calls.lock().unwrap().contains_key("held"), "its handler never ran");
     assert_eq!(rig.ready("test.flaky").await, 1, "the delivery went back to its queue");
+    assert_eq!(rig.effects("held").await, 0);
+}
+
+/// Shutdown ends a consumer's wait for company at once, also beside a broker that answers
+/// nothing (a frozen connection, so the consumer's cancel never ends its stream): the shutdown
+/// takes its bounded closes, not the 20 s it gives in-flight handlers, and the held delivery
+/// never starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_beside_a_silent_broker_ends_the_wait_for_a_batch_at_once() {
+    let proxy = Proxy::start(broker::amqp_addr()).await;
+    let rig = Rig::new(Backend::Sqlite, |bus| {
+        bus.batch_linger = Duration::from_secs(600);
+        let vhost = bus.url.rsplit('/').next().expect("the vhost is the URL's last part").to_owned();
+        bus.url = proxy.url(&vhost);
+    })
+    .await;
+    let handler = Flaky::default();
+    let running = rig.run(handler.clone()).await;
+    rig.publish("first").await;
+    rig.wait_effect("first").await;
+    rig.publish("held").await; // within the linger of the end of "first"'s batch: it waits
+    let mut ready = None;
+    eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut ready).await.expect("the consumer holds it");
+
+    proxy.freeze();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), running.stop()).await.expect("shutdown ended");
+    let took = started.elapsed();
+    println!("shutdown beside a silent broker, a delivery waiting for company: {took:?}");
+    assert!(took < sluice::bus::handler::DRAIN_TIMEOUT, "the wait ended when shutdown began, not after the drain's {:?}: {took:?}", sluice::bus::handler::DRAIN_TIMEOUT);
+    assert!(!handler.calls.lock().unwrap().contains_key("held"), "its handler never ran");
     assert_eq!(rig.effects("held").await, 0);
 }
 
