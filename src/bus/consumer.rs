@@ -729,16 +729,8 @@ where
             _ = intake.cancelled() => return,
             next = stream.next() => next,
         };
-        match next {
-            Some(Ok(delivery)) => {
-                tracker.spawn(handle(delivery));
-            }
-            Some(Err(error)) => {
-                tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
-                return;
-            }
-            None => return,
-        }
+        let Some(delivery) = delivered(next) else { return };
+        tracker.spawn(handle(delivery));
     }
 }
 
@@ -801,20 +793,21 @@ where
     }
 }
 
-/// Adds what a consumer stream gave to `batch`; `false` if the stream has ended (the channel
-/// failed or was closed).
-fn gathered(next: Option<lapin::Result<Delivery>>, batch: &mut Vec<Delivery>) -> bool {
-    match next {
-        Some(Ok(delivery)) => {
-            batch.push(delivery);
-            true
-        }
-        Some(Err(error)) => {
+/// The delivery a consumer stream gave; `None` if the stream has ended (the channel failed,
+/// which is logged, or was closed).
+fn delivered(next: Option<lapin::Result<Delivery>>) -> Option<Delivery> {
+    match next? {
+        Ok(delivery) => Some(delivery),
+        Err(error) => {
             tracing::warn!(%error, "consumer stream failed; waiting for reconnect");
-            false
+            None
         }
-        None => false,
     }
+}
+
+/// Adds the delivery a consumer stream gave to `batch`; `false` if the stream has ended.
+fn gathered(next: Option<lapin::Result<Delivery>>, batch: &mut Vec<Delivery>) -> bool {
+    delivered(next).map(|delivery| batch.push(delivery)).is_some()
 }
 
 /// Runs `handled` (the handling of `count` deliveries of `queue`) and records it in the

@@ -46,11 +46,7 @@ impl Jsonb {
     /// Ends the array or object begun last.
     pub(crate) fn end(&mut self) -> &mut Self {
         if let Some(start) = self.open.pop() {
-            let size = self.bytes.len() - start - 5;
-            let size = u32::try_from(size).unwrap_or_else(|_| {
-                self.too_large = true;
-                0
-            });
+            let size = self.size32(self.bytes.len() - start - 5);
             self.bytes[start + 1..start + 5].copy_from_slice(&size.to_be_bytes());
         }
         self
@@ -90,12 +86,8 @@ impl Jsonb {
     pub(crate) fn value(&mut self, value: &Value) -> &mut Self {
         match value {
             Value::Null => self.null(),
-            Value::Bool(true) => {
-                self.bytes.push(TRUE);
-                self
-            }
-            Value::Bool(false) => {
-                self.bytes.push(FALSE);
+            Value::Bool(b) => {
+                self.bytes.push(if *b { TRUE } else { FALSE });
                 self
             }
             Value::Number(n) => match (n.as_i64(), n.as_u64()) {
@@ -149,14 +141,20 @@ impl Jsonb {
                 self.bytes.extend_from_slice(&(size as u16).to_be_bytes());
             }
             _ => {
-                let size = u32::try_from(size).unwrap_or_else(|_| {
-                    self.too_large = true;
-                    0
-                });
+                let size = self.size32(size);
                 self.bytes.push(0xe0 | kind);
                 self.bytes.extend_from_slice(&size.to_be_bytes());
             }
         }
+    }
+
+    /// `size` as a header's 4 size bytes hold it; one that does not fit marks the value too large
+    /// (see [`Jsonb::finish`]).
+    fn size32(&mut self, size: usize) -> u32 {
+        u32::try_from(size).unwrap_or_else(|_| {
+            self.too_large = true;
+            0
+        })
     }
 }
 
