@@ -92,7 +92,7 @@ fn bindings(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::Error>>
                 code,
                 "impl crate::events::Event for {rust} {{\n    const ROUTING_KEY: &'static str = {key:?};\n    const FULL_NAME: &'static str = {full_name:?};\n    fn order_id(&self) -> Option<&str> {{ {order_id} }}\n}}"
             )?;
-            events.push((full_name.to_owned(), key));
+            events.push((full_name.to_owned(), key, rust.to_owned()));
         }
         if let Some(queue) = string_option(message, &rpc_queue) {
             let reply = string_option(message, &rpc_reply)
@@ -112,8 +112,13 @@ fn bindings(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::Error>>
         code,
         "/// Every event type declared in the `.proto` files: (full Protobuf name, routing key).\npub const REGISTERED_EVENTS: &[(&str, &str)] = &["
     )?;
-    for (name, key) in &events {
+    for (name, key, _) in &events {
         writeln!(code, "    ({name:?}, {key:?}),")?;
+    }
+    code.push_str("];\n");
+    code.push_str("/// Each event type's decoder, by full Protobuf name (see `crate::events::check_payload`).\npub(crate) const EVENT_DECODERS: &[(&str, crate::events::Decoder)] = &[\n");
+    for (name, _, rust) in &events {
+        writeln!(code, "    ({name:?}, crate::events::order_id_in::<{rust}>),")?;
     }
     code.push_str("];\n");
     Ok(code)
