@@ -19,7 +19,7 @@ use sluice::pb::{
     EventEnvelope, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse, SubscribeRequest,
     event_gateway_server::EventGateway,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
@@ -157,46 +157,50 @@ impl EventGateway for Events {
         } else {
             tracing::Span::none()
         };
-        let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
-        let window = Arc::new(Semaphore::new(STREAM_WINDOW));
         let events = self.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(item)) = inbound.next().await {
-                // Backpressure: with the window full, or the streams' bytes, stop reading until
-                // an ack frees a slot, or a publish its bytes.
-                let Ok(permit) = window.clone().acquire_owned().await else { break };
-                let Some(buffered) = events.stream_buffer.reserve(item.encoded_len()).await else { break };
-                let (events, tx, metadata) = (events.clone(), tx.clone(), metadata.clone());
-                let parent = parent.clone();
-                tokio::spawn(async move {
-                    let sequence = item.sequence;
-                    let response = match item.publish {
-                        None => PublishStreamResponse {
+        // Read until the caller ends the stream (or it fails), each event once its bytes fit in
+        // the streams' budget.
+        let admitted = request
+            .into_inner()
+            .take_while(|item| std::future::ready(item.is_ok()))
+            .filter_map(|item| std::future::ready(item.ok()))
+            .then(move |item| {
+                let budget = events.stream_buffer.clone();
+                async move { budget.reserve(item.encoded_len()).await.map(|buffered| (item, buffered)) }
+            })
+            .take_while(|admitted| std::future::ready(admitted.is_some()))
+            .filter_map(std::future::ready);
+        let events = self.clone();
+        // Up to STREAM_WINDOW events are published at once, in this one task (a task each cost
+        // more than the publish's own work saved); with the window full, or the streams' bytes,
+        // reading stops until an ack is queued, or a publish frees its bytes.
+        tokio::spawn(admitted.for_each_concurrent(STREAM_WINDOW, move |(item, buffered)| {
+            let (events, tx, metadata, parent) = (events.clone(), tx.clone(), metadata.clone(), parent.clone());
+            async move {
+                let sequence = item.sequence;
+                let response = match item.publish {
+                    None => PublishStreamResponse {
+                        sequence,
+                        error_code: tonic::Code::InvalidArgument as i32,
+                        error_message: "publish must be set".into(),
+                        ..Default::default()
+                    },
+                    Some(publish) => match events.publish_one(publish, &metadata).instrument(parent).await {
+                        Ok(done) => PublishStreamResponse { sequence, event_id: done.event_id, ..Default::default() },
+                        Err(status) => PublishStreamResponse {
                             sequence,
-                            error_code: tonic::Code::InvalidArgument as i32,
-                            error_message: "publish must be set".into(),
+                            error_code: status.code() as i32,
+                            error_message: status.message().to_owned(),
                             ..Default::default()
                         },
-                        Some(publish) => match events.publish_one(publish, &metadata).instrument(parent).await {
-                            Ok(done) => PublishStreamResponse { sequence, event_id: done.event_id, ..Default::default() },
-                            Err(status) => {
-                                PublishStreamResponse {
-                                    sequence,
-                                    error_code: status.code() as i32,
-                                    error_message: status.message().to_owned(),
-                                    ..Default::default()
-                                }
-                            }
-                        },
-                    };
-                    // The event's bytes are gone; its ack is not sent yet.
-                    drop(buffered);
-                    let _ = tx.send(Ok(response)).await;
-                    drop(permit);
-                });
+                    },
+                };
+                // The event's bytes are gone; its ack is not sent yet.
+                drop(buffered);
+                let _ = tx.send(Ok(response)).await;
             }
-        });
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
