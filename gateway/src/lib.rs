@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 pub use auth::token_hash;
 pub use config::Config;
 pub use error::GatewayError;
-pub use events::Events;
+pub use events::{Events, STREAM_WINDOW};
 pub use orders::Orders;
 pub use tls::ServerTls;
 

@@ -370,11 +370,17 @@ impl Budgeted {
     /// Waits until `gauge` shows the budget nearly full (within two events of it), then checks
     /// that it stays within the budget over the next second.
     async fn holds_no_more_than_the_budget(&self, gauge: &str) {
+        self.holds_at_most(gauge, (BUDGET - 2 * LARGE_EVENT) as f64, BUDGET as f64).await;
+    }
+
+    /// Waits until `gauge` shows more than `nearly` bytes, then checks that it stays at most
+    /// `limit` over the next second.
+    async fn holds_at_most(&self, gauge: &str, nearly: f64, limit: f64) {
         let mut last = None;
-        let full = eventually(|| async { Some(self.buffered(gauge).await) }, |bytes| *bytes > (BUDGET - 2 * LARGE_EVENT) as f64, &mut last)
+        let full = eventually(|| async { Some(self.buffered(gauge).await) }, |bytes| *bytes > nearly, &mut last)
             .await
-            .unwrap_or_else(|| panic!("the gateway never filled its budget: {last:?} bytes buffered"));
-        // Full, and it stays so: without the budget the gateway would read all 16 MiB within
+            .unwrap_or_else(|| panic!("the gateway never held more than {nearly} bytes: {last:?} bytes buffered"));
+        // Full, and it stays so: without the limit the gateway would read every event within
         // milliseconds.
         let mut most = full;
         let mut samples = tokio::time::interval(Duration::from_millis(100));
@@ -382,8 +388,8 @@ impl Budgeted {
             samples.tick().await;
             most = most.max(self.buffered(gauge).await);
         }
-        assert!(most <= BUDGET as f64, "{most} bytes buffered, over the budget of {BUDGET}");
-        println!("{gauge}: {full} bytes when full, at most {most} over the next second (budget {BUDGET})");
+        assert!(most <= limit, "{most} bytes buffered, over the limit of {limit}");
+        println!("{gauge}: {full} bytes when full, at most {most} over the next second (limit {limit})");
     }
 
     /// The `published` events are on the queue once each, and nothing is left in `gauge`.
@@ -429,6 +435,39 @@ async fn a_stream_of_large_events_is_read_no_further_than_the_byte_budget() {
     }
     assert_eq!(acked, LARGE_EVENTS);
     app.all_arrived(GAUGE, LARGE_EVENTS).await;
+}
+
+/// PublishStream reads no more than its count window (`STREAM_WINDOW`, 256) of events ahead of
+/// their acks: with the broker out of reach, a stream of 1,000 small events (far below the
+/// byte budget) stops being read once 256 are being published; once the broker is back, every
+/// event is published and acknowledged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_read_no_further_than_its_window_of_unacknowledged_events() {
+    const GAUGE: &str = "sluice_stream_buffered_bytes";
+    const EVENTS: u64 = 1_000;
+    let window = sluice_gateway::STREAM_WINDOW as f64;
+    let app = Budgeted::start("SLUICE_STREAM_BUFFER_BYTES").await;
+    // Sequences of four digits: every request has the same size, so the bytes held count events.
+    let request = |sequence: u64| {
+        let event = PaymentCaptured { order_id: format!("o-{sequence}"), ..Default::default() };
+        PublishStreamRequest { sequence, publish: Some(publish(any(&event))) }
+    };
+    let size = request(1_000).encoded_len() as f64;
+
+    app.proxy.freeze();
+    let requests = tokio_stream::iter((1_000..1_000 + EVENTS).map(request));
+    let mut acks = app.client.clone().publish_stream(requests).await.unwrap().into_inner();
+    app.holds_at_most(GAUGE, (window - 1.0) * size, window * size).await;
+
+    app.proxy.thaw();
+    let mut acked = HashSet::new();
+    while let Some(ack) = tokio::time::timeout(Duration::from_secs(60), acks.next()).await.expect("every ack, once the broker is back") {
+        let ack = ack.unwrap();
+        assert_eq!(ack.error_code, 0, "event {} published: {}", ack.sequence, ack.error_message);
+        assert!(acked.insert(ack.sequence), "event {} acknowledged once", ack.sequence);
+    }
+    assert_eq!(acked.len() as u64, EVENTS);
+    app.all_arrived(GAUGE, EVENTS).await;
 }
 
 /// Unary calls hold at most `SLUICE_REQUEST_BUFFER_BYTES` of request messages: with the broker
