@@ -172,9 +172,10 @@ impl EventGateway for Events {
             .take_while(|admitted| std::future::ready(admitted.is_some()))
             .filter_map(std::future::ready);
         let events = self.clone();
-        // Up to STREAM_WINDOW events are published at once, in this one task (a task each cost
-        // more than the publish's own work saved); with the window full, or the streams' bytes,
-        // reading stops until an ack is queued, or a publish frees its bytes.
+        // Up to STREAM_WINDOW events are published at once, all in this one task (a task per
+        // event cost about 3,000 instructions of an event's 65,000: docs/benchmarks.md). With
+        // the window full, or the streams' bytes, reading stops until an ack is queued, or a
+        // publish frees its bytes.
         tokio::spawn(admitted.for_each_concurrent(STREAM_WINDOW, move |(item, buffered)| {
             let (events, tx, metadata, parent) = (events.clone(), tx.clone(), metadata.clone(), parent.clone());
             async move {
