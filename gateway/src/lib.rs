@@ -179,23 +179,12 @@ impl Gateway {
 /// record the ids they know (`order_id`, `event_id`) on it rather than opening a span of their
 /// own: one span per call.
 mod tracing_opentelemetry_ext {
-    use opentelemetry::propagation::Extractor;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-    struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-    impl Extractor for HeaderExtractor<'_> {
-        fn get(&self, key: &str) -> Option<&str> {
-            self.0.get(key).and_then(|v| v.to_str().ok())
-        }
-        fn keys(&self) -> Vec<&str> {
-            self.0.keys().map(|k| k.as_str()).collect()
-        }
-    }
 
     /// The trace context a caller sent (`traceparent`, `tracestate`), if any.
     pub(crate) fn caller_context(headers: &http::HeaderMap) -> opentelemetry::Context {
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        sluice::bus::TraceContext::parent(header("traceparent"), header("tracestate"))
     }
 
     /// Whether the caller sent a valid trace context.

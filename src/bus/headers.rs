@@ -74,10 +74,49 @@ impl TraceContext {
         }
     }
 
-    /// The context carried by a message's headers, as an OpenTelemetry parent.
+    /// The context carried by a message's headers, as an OpenTelemetry parent (see
+    /// [`TraceContext::parent`]).
     pub fn extract(headers: &FieldTable) -> opentelemetry::Context {
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&AmqpExtractor(headers)))
+        Self::parent(header_str(headers, "traceparent"), header_str(headers, "tracestate"))
     }
+
+    /// The current context with the remote parent that `traceparent` and `tracestate` name, or
+    /// the current context alone if they name none: what [`TraceContextPropagator`], the global
+    /// propagator, extracts (a test compares them), read directly, without the global lookup
+    /// and the propagator's `Vec` of parts.
+    ///
+    /// [`TraceContextPropagator`]: opentelemetry_sdk::propagation::TraceContextPropagator
+    pub fn parent(traceparent: Option<&str>, tracestate: Option<&str>) -> opentelemetry::Context {
+        let current = opentelemetry::Context::current();
+        match remote_span_context(traceparent, tracestate) {
+            Some(span) => current.with_remote_span_context(span),
+            None => current,
+        }
+    }
+}
+
+/// The W3C trace context in `traceparent` and `tracestate`, by the rules of
+/// `TraceContextPropagator` (opentelemetry_sdk 0.33): a version of 00 to fe (00 with exactly
+/// four parts), lower-case ids, only the `sampled` flag kept, a `tracestate` that does not
+/// parse taken as empty, and a valid context or none.
+fn remote_span_context(traceparent: Option<&str>, tracestate: Option<&str>) -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    let mut parts = traceparent.unwrap_or("").trim().split_terminator('-');
+    let (version, trace_id, span_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let version = u8::from_str_radix(version, 16).ok()?;
+    if version == u8::MAX || (version == 0 && parts.next().is_some()) {
+        return None;
+    }
+    let lower = |part: &str| !part.chars().any(|c| c.is_ascii_uppercase());
+    if !(lower(trace_id) && lower(span_id) && lower(flags)) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace_id).ok()?;
+    let span_id = SpanId::from_hex(span_id).ok()?;
+    let flags = TraceFlags::new(u8::from_str_radix(flags, 16).ok()?) & TraceFlags::SAMPLED;
+    let state: TraceState = tracestate.map(|s| s.parse().unwrap_or_default()).unwrap_or_default();
+    let span = SpanContext::new(trace_id, span_id, flags, true, state);
+    span.is_valid().then_some(span)
 }
 
 /// The propagator writes straight into the two fields (no map in between). An empty
@@ -301,6 +340,50 @@ mod tests {
         assert_eq!(sampled.traceparent.as_deref(), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
         assert_eq!(sampled.tracestate.as_deref(), Some("vendor=abc,other=x-1"));
         assert_eq!(TraceContext::of_span_context(&contexts[3]), TraceContext::default());
+    }
+
+    #[test]
+    fn parents_are_what_the_w3c_propagator_extracts() {
+        use opentelemetry::propagation::TextMapPropagator;
+        let propagator = opentelemetry_sdk::propagation::TraceContextPropagator::new();
+        let mut rng = fastrand::Rng::with_seed(11);
+        let hex = |rng: &mut fastrand::Rng, n: usize| -> String { (0..n).map(|_| char::from(b"0123456789abcdef"[rng.usize(0..16)])).collect() };
+        // An id of `n` digits, or one of the ways to get it wrong (or nearly).
+        let id = |rng: &mut fastrand::Rng, n: usize| match rng.u8(0..8) {
+            0 => hex(rng, n).to_uppercase(),
+            1 => "0".repeat(n),
+            2 => hex(rng, n - 1),
+            3 => hex(rng, n + 1),
+            4 => format!("+{}", hex(rng, n - 1)),
+            5 => String::new(),
+            _ => hex(rng, n),
+        };
+        let (mut valid, mut invalid) = (0, 0);
+        for _ in 0..20_000 {
+            let version = ["00", "01", "fe", "ff", "0", "000", "+0", "zz", "", "0A"][rng.usize(0..10)];
+            let (trace_id, span_id) = (id(&mut rng, 32), id(&mut rng, 16));
+            let flags = ["00", "01", "03", "ff", "1", "+1", "0A", "0a", "zz", ""][rng.usize(0..10)];
+            let rest = ["", "", "", "-", "-extra", "-x-y"][rng.usize(0..6)];
+            let (before, after) = [("", ""), (" ", ""), ("", "\t"), (" ", " ")][rng.usize(0..4)];
+            let traceparent = format!("{before}{version}-{trace_id}-{span_id}-{flags}{rest}{after}");
+            let tracestate = [None, Some("a=1,b=2"), Some("not a state"), Some("")][rng.usize(0..4)];
+            let mut headers = FieldTable::default();
+            if rng.u8(0..20) != 0 {
+                set_str(&mut headers, "traceparent", &traceparent);
+            }
+            if let Some(state) = tracestate {
+                set_str(&mut headers, "tracestate", state);
+            }
+            let ours = TraceContext::extract(&headers);
+            let theirs = propagator.extract(&AmqpExtractor(&headers));
+            assert_eq!(ours.span().span_context(), theirs.span().span_context(), "{traceparent:?} {tracestate:?}");
+            if ours.span().span_context().is_valid() {
+                valid += 1;
+            } else {
+                invalid += 1;
+            }
+        }
+        assert!(valid > 1_000 && invalid > 1_000, "{valid} valid, {invalid} invalid");
     }
 
     #[test]
