@@ -116,9 +116,9 @@ fn bindings(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::Error>>
         writeln!(code, "    ({name:?}, {key:?}),")?;
     }
     code.push_str("];\n");
-    code.push_str("/// Each event type's decoder, by full Protobuf name (see `crate::events::check_payload`).\npub(crate) const EVENT_DECODERS: &[(&str, crate::events::Decoder)] = &[\n");
-    for (name, _, rust) in &events {
-        writeln!(code, "    ({name:?}, crate::events::order_id_in::<{rust}>),")?;
+    code.push_str("/// Every event type again, with its decoder: (full Protobuf name, routing key, decoder); see `crate::events::check_payload`.\npub(crate) const EVENT_DECODERS: &[(&str, &str, crate::events::Decoder)] = &[\n");
+    for (name, key, rust) in &events {
+        writeln!(code, "    ({name:?}, {key:?}, crate::events::order_id_in::<{rust}>),")?;
     }
     code.push_str("];\n");
     Ok(code)

@@ -158,7 +158,7 @@ impl EventGateway for Events {
             tracing::Span::none()
         };
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
-        let events = self.clone();
+        let budget = self.stream_buffer.clone();
         // Read until the caller ends the stream (or it fails), each event once its bytes fit in
         // the streams' budget.
         let admitted = request
@@ -166,7 +166,7 @@ impl EventGateway for Events {
             .take_while(|item| std::future::ready(item.is_ok()))
             .filter_map(|item| std::future::ready(item.ok()))
             .then(move |item| {
-                let budget = events.stream_buffer.clone();
+                let budget = budget.clone();
                 async move { budget.reserve(item.encoded_len()).await.map(|buffered| (item, buffered)) }
             })
             .take_while(|admitted| std::future::ready(admitted.is_some()))

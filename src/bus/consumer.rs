@@ -743,8 +743,8 @@ where
 /// up to `gather.max` in all. One batch at a time, so a queue's deliveries never contend for
 /// the database among themselves; and since the batch is completed once the turn has come, the
 /// deliveries that arrived while other queues of the service held the database share one
-/// transaction. `handle` gets the turn with the batch, to
-/// give it back as soon as it is done with the database (before it talks to the broker).
+/// transaction. `handle` gets the turn with the batch, to give it back as soon as it is done
+/// with the database (before it talks to the broker).
 async fn batch_loop<F, Fut>(mut stream: lapin::Consumer, intake: CancellationToken, store: Store, gather: Gather, handle: F)
 where
     F: Fn(Vec<Delivery>, Turn) -> Fut + Send + 'static,

@@ -66,9 +66,10 @@ pub struct CheckedPayload {
 /// Checks that `body` is a valid, registered event of type `full_name` (decodable, with its
 /// `order_id` set when it has one) and returns its routing key and order id.
 pub fn check_payload(full_name: &str, body: &[u8]) -> Result<CheckedPayload, PayloadError> {
-    let unknown = || PayloadError::UnknownType(full_name.to_owned());
-    let routing_key = routing_key_of(full_name).ok_or_else(unknown)?;
-    let (_, decode) = crate::pb::EVENT_DECODERS.iter().find(|(name, _)| *name == full_name).ok_or_else(unknown)?;
+    let &(_, routing_key, decode) = crate::pb::EVENT_DECODERS
+        .iter()
+        .find(|(name, ..)| *name == full_name)
+        .ok_or_else(|| PayloadError::UnknownType(full_name.to_owned()))?;
     // The compiled type's decoder: it accepts exactly the bytes that decoding by the type's
     // descriptor (prost-reflect's `DynamicMessage`, used here before) accepts; a test checks.
     let order_id = decode(body).map_err(|e| PayloadError::Undecodable { type_name: full_name.to_owned(), reason: e.to_string() })?;
@@ -134,8 +135,9 @@ mod tests {
     fn compiled_decoders_accept_what_the_descriptors_accept() {
         let pool = prost_reflect::DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
         let mut rng = fastrand::Rng::with_seed(7);
-        assert_eq!(crate::pb::EVENT_DECODERS.len(), REGISTERED_EVENTS.len());
-        for (name, decode) in crate::pb::EVENT_DECODERS {
+        let registered: Vec<(&str, &str)> = crate::pb::EVENT_DECODERS.iter().map(|(name, key, _)| (*name, *key)).collect();
+        assert_eq!(registered, REGISTERED_EVENTS);
+        for (name, _, decode) in crate::pb::EVENT_DECODERS {
             let descriptor = pool.get_message_by_name(name).unwrap();
             let order_id = descriptor.get_field_by_name("order_id");
             let (mut accepted, mut refused) = (0, 0);

@@ -181,6 +181,16 @@ impl Rig {
         assert_eq!(self.ready("test.flaky").await, 0, "the duplicate was acknowledged");
     }
 
+    /// Handles "first", then publishes "held" within the linger of the end of "first"'s batch,
+    /// and waits until the consumer holds it (waiting for company).
+    async fn hold_one_waiting_for_company(&self) {
+        self.publish("first").await;
+        self.wait_effect("first").await;
+        self.publish("held").await;
+        let mut ready = None;
+        eventually(|| async { Some(self.ready("test.flaky").await) }, |n| *n == 0, &mut ready).await.expect("the consumer holds it");
+    }
+
     /// Ready messages in `queue` (unacknowledged ones are not counted).
     async fn ready(&self, queue: &str) -> u32 {
         let connection = Connection::connect(&self.bus.url, ConnectionProperties::default()).await.unwrap();
@@ -506,12 +516,7 @@ async fn shutdown_ends_the_wait_for_a_batch_and_leaves_its_delivery_queued() {
     let rig = Rig::new(Backend::Sqlite, |bus| bus.batch_linger = Duration::from_secs(600)).await;
     let handler = Flaky::default();
     let running = rig.run(handler.clone()).await;
-    rig.publish("first").await;
-    rig.wait_effect("first").await;
-    // Within the linger of the end of "first"'s batch: it waits for company.
-    rig.publish("held").await;
-    let mut ready = None;
-    eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut ready).await.expect("the consumer holds it");
+    rig.hold_one_waiting_for_company().await;
 
     tokio::time::timeout(Duration::from_secs(30), running.stop()).await.expect("shutdown waited out the linger");
     assert!(!handler.calls.lock().unwrap().contains_key("held"), "its handler never ran");
@@ -534,11 +539,7 @@ async fn shutdown_beside_a_silent_broker_ends_the_wait_for_a_batch_at_once() {
     .await;
     let handler = Flaky::default();
     let running = rig.run(handler.clone()).await;
-    rig.publish("first").await;
-    rig.wait_effect("first").await;
-    rig.publish("held").await; // within the linger of the end of "first"'s batch: it waits
-    let mut ready = None;
-    eventually(|| async { Some(rig.ready("test.flaky").await) }, |n| *n == 0, &mut ready).await.expect("the consumer holds it");
+    rig.hold_one_waiting_for_company().await;
 
     proxy.freeze();
     let started = Instant::now();
