@@ -55,14 +55,7 @@ fn producer_span(exchange: &str, routing_key: &str, message_id: &str, order_id: 
 /// handlers emitted earlier, in their trace).
 pub(crate) fn producer_in(parent: &TraceContext, exchange: &str, routing_key: &str, message_id: &str, order_id: Option<&str>, server: &Server) -> Span {
     let span = producer_span(exchange, routing_key, message_id, order_id, server);
-    let mut carrier = FieldTable::default();
-    if let Some(traceparent) = &parent.traceparent {
-        super::headers::set_str(&mut carrier, "traceparent", traceparent);
-    }
-    if let Some(tracestate) = &parent.tracestate {
-        super::headers::set_str(&mut carrier, "tracestate", tracestate);
-    }
-    let _ = span.set_parent(TraceContext::extract(&carrier));
+    let _ = span.set_parent(TraceContext::parent(parent.traceparent.as_deref(), parent.tracestate.as_deref()));
     span
 }
 
