@@ -3,13 +3,18 @@
 //!
 //! With no exporter configured nothing is exported, but spans are still OpenTelemetry spans (their
 //! ids travel in `traceparent` and appear in log lines), and that costs: 18-27 % of the gateway's
-//! CPU under load, see docs/benchmarks.md.
+//! CPU under load, see docs/benchmarks.md. What nobody reads is left out: with no exporter and
+//! logs quieter than `info`, spans carry their ids and no descriptive attributes
+//! ([`span_attributes`]).
 //!
 //! `RUST_LOG` decides which events are logged, not what is traced: spans at `info` and above
 //! are always recorded (so trace context still propagates, and a `warn` line still carries its
 //! span's trace id, when the logs are set to `warn`).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicBool, Ordering},
+};
 
 use opentelemetry::{
     global,
@@ -29,7 +34,7 @@ use tracing::{
 };
 use tracing_subscriber::{
     EnvFilter, Layer,
-    filter::{FilterExt, filter_fn},
+    filter::{FilterExt, LevelFilter, filter_fn},
     fmt::MakeWriter,
     layer::{Context, SubscriberExt},
     registry::{LookupSpan, Registry},
@@ -126,6 +131,28 @@ pub enum TelemetryError {
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
 
+/// Whether spans carry what only an exporter or a log line's span fields show (see
+/// [`span_attributes`]); set by [`init`].
+static SPAN_ATTRIBUTES: AtomicBool = AtomicBool::new(true);
+
+/// Whether the spans Sluice makes should carry their descriptive attributes: the OpenTelemetry
+/// messaging and RPC attributes, `otel.name` and `otel.kind`, a delivery's handler and attempt.
+/// Only two things read them: an exporter, and the log lines' `span` and `spans` fields, which
+/// the log layer keeps only for the spans `RUST_LOG` enables. With neither (no
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, and `RUST_LOG` quieter than `info`), [`init`] turns them off,
+/// and a span carries only the `order_id` and `event_id` its log lines show at the top level.
+/// Its trace and span ids, its parent and the `traceparent` it passes on are the same either
+/// way. `true` until [`init`] decides (a process that installs its own subscriber keeps them).
+pub fn span_attributes() -> bool {
+    SPAN_ATTRIBUTES.load(Ordering::Relaxed)
+}
+
+/// Whether anything reads spans' descriptive attributes: an exporter, or logs under
+/// `directives` that may keep an `info` span's fields.
+fn attributes_read(exporting: bool, directives: Option<&str>) -> bool {
+    exporting || logged(directives).max_level_hint().is_none_or(|max| max >= LevelFilter::INFO)
+}
+
 /// Installs W3C trace-context propagation only (what the bus needs to carry `traceparent`).
 pub fn init_propagation() {
     global::set_text_map_propagator(TraceContextPropagator::new());
@@ -149,7 +176,7 @@ fn traced_span(meta: &Metadata<'_>) -> bool {
 /// them costs every span, logged in or not); a JSON line inside any traced span carries its
 /// OpenTelemetry `trace_id` and `span_id`, read when the line is written, and the nearest
 /// `order_id` and `event_id` of the spans it is in, at the top level.
-fn dispatch<W>(format: LogFormat, directives: Option<&str>, tracer: SdkTracer, writer: W) -> Dispatch
+pub(crate) fn dispatch<W>(format: LogFormat, directives: Option<&str>, tracer: SdkTracer, writer: W) -> Dispatch
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
@@ -321,19 +348,29 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     let tracer = provider.tracer(config.service_name.clone());
     let provider = config.otlp_endpoint.is_some().then_some(provider);
     let directives = std::env::var("RUST_LOG").ok();
+    SPAN_ATTRIBUTES.store(attributes_read(config.otlp_endpoint.is_some(), directives.as_deref()), Ordering::Relaxed);
     dispatch(config.log_format, directives.as_deref(), tracer, std::io::stdout).try_init()?;
     Ok(TelemetryGuard { provider })
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::bus::headers::TraceContext;
 
+    /// Log lines written to memory.
     #[derive(Clone, Default)]
-    struct Logs(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Logs {
+        /// The JSON lines written so far.
+        pub(crate) fn lines(&self) -> Vec<serde_json::Value> {
+            let text = String::from_utf8(self.0.lock().expect("logs").clone()).expect("utf-8 logs");
+            text.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect()
+        }
+    }
 
     impl std::io::Write for Logs {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -363,11 +400,29 @@ mod tests {
             TraceContext::current().traceparent
         });
         let traceparent = traceparent.expect("the info span is traced and its context propagates");
-        let text = String::from_utf8(logs.0.lock().expect("logs").clone()).expect("utf-8 logs");
-        (traceparent, text.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect())
+        (traceparent, logs.lines())
     }
 
-    fn ids(traceparent: &str) -> (&str, &str) {
+    /// Spans carry their attributes when an exporter or the log lines' span fields may read
+    /// them, and only then.
+    #[test]
+    fn span_attributes_are_kept_only_where_something_reads_them() {
+        for (exporting, directives, read) in [
+            (true, Some("warn"), true),
+            (true, Some("off"), true),
+            (false, None, true),
+            (false, Some("info"), true),
+            (false, Some("debug"), true),
+            (false, Some("warn,sluice=info"), true),
+            (false, Some("warn"), false),
+            (false, Some("error"), false),
+            (false, Some("off"), false),
+        ] {
+            assert_eq!(attributes_read(exporting, directives), read, "exporting {exporting}, RUST_LOG {directives:?}");
+        }
+    }
+
+    pub(crate) fn ids(traceparent: &str) -> (&str, &str) {
         match traceparent.split('-').collect::<Vec<_>>()[..] {
             [_, trace_id, span_id, _] => (trace_id, span_id),
             _ => panic!("not a W3C traceparent: {traceparent}"),

@@ -196,6 +196,12 @@ mod tracing_opentelemetry_ext {
     pub(crate) fn trace_span(request: &http::Request<()>) -> tracing::Span {
         let parent = caller_context(request.headers());
         let path = request.uri().path();
+        if !sluice::telemetry::span_attributes() {
+            // Nothing reads the RPC attributes (see `span_attributes`): the ids alone.
+            let span = tracing::info_span!("grpc.request", order_id = tracing::field::Empty, event_id = tracing::field::Empty);
+            let _ = span.set_parent(parent);
+            return span;
+        }
         let span = tracing::info_span!(
             "grpc.request",
             otel.name = path.trim_start_matches('/'),
