@@ -195,22 +195,21 @@ mod tracing_opentelemetry_ext {
 
     pub(crate) fn trace_span(request: &http::Request<()>) -> tracing::Span {
         let parent = caller_context(request.headers());
-        let path = request.uri().path();
-        if !sluice::telemetry::span_attributes() {
+        let span = if sluice::telemetry::span_attributes() {
+            let path = request.uri().path();
+            tracing::info_span!(
+                "grpc.request",
+                otel.name = path.trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = path,
+                order_id = tracing::field::Empty,
+                event_id = tracing::field::Empty,
+            )
+        } else {
             // Nothing reads the RPC attributes (see `span_attributes`): the ids alone.
-            let span = tracing::info_span!("grpc.request", order_id = tracing::field::Empty, event_id = tracing::field::Empty);
-            let _ = span.set_parent(parent);
-            return span;
-        }
-        let span = tracing::info_span!(
-            "grpc.request",
-            otel.name = path.trim_start_matches('/'),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.method = path,
-            order_id = tracing::field::Empty,
-            event_id = tracing::field::Empty,
-        );
+            tracing::info_span!("grpc.request", order_id = tracing::field::Empty, event_id = tracing::field::Empty)
+        };
         let _ = span.set_parent(parent);
         span
     }

@@ -84,28 +84,27 @@ pub(crate) fn consumer(delivered: &Delivered<'_>, headers: &FieldTable, server: 
 
 /// [`consumer`], with its descriptive attributes if `described`.
 fn consumer_span(delivered: &Delivered<'_>, headers: &FieldTable, server: &Server, described: bool) -> Span {
-    if !described {
-        let span = tracing::info_span!("process", event_id = delivered.message_id, order_id = delivered.order_id);
-        let _ = span.set_parent(TraceContext::extract(headers));
-        return span;
-    }
-    let name = format!("process {}", delivered.queue);
-    let span = tracing::info_span!(
-        "process",
-        otel.name = name.as_str(),
-        otel.kind = "consumer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "process",
-        messaging.destination.name = delivered.queue,
-        messaging.rabbitmq.destination.routing_key = delivered.routing_key,
-        messaging.message.id = delivered.message_id,
-        server.address = server.address.as_str(),
-        server.port = server.port,
-        event_id = delivered.message_id,
-        order_id = delivered.order_id,
-        handler = delivered.handler,
-        attempt = delivered.attempt,
-    );
+    let span = if described {
+        let name = format!("process {}", delivered.queue);
+        tracing::info_span!(
+            "process",
+            otel.name = name.as_str(),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = delivered.queue,
+            messaging.rabbitmq.destination.routing_key = delivered.routing_key,
+            messaging.message.id = delivered.message_id,
+            server.address = server.address.as_str(),
+            server.port = server.port,
+            event_id = delivered.message_id,
+            order_id = delivered.order_id,
+            handler = delivered.handler,
+            attempt = delivered.attempt,
+        )
+    } else {
+        tracing::info_span!("process", event_id = delivered.message_id, order_id = delivered.order_id)
+    };
     let _ = span.set_parent(TraceContext::extract(headers));
     span
 }
