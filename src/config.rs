@@ -167,6 +167,11 @@ pub struct BusConfig {
     pub retry: RetryPolicy,
     /// How long a publish may wait for the broker's confirm before it is an error.
     pub confirm_timeout: Duration,
+    /// How long a handled event's inbox record is kept (`SLUICE_INBOX_RETENTION_SECS`, default
+    /// 7 days; 0 keeps every record for ever). A redelivery or a dead-letter replay of an
+    /// event within this time is recognised and acknowledged without a second effect; after
+    /// it, the record is pruned and the event would be handled again.
+    pub inbox_retention: Option<Duration>,
 }
 
 impl fmt::Debug for BusConfig {
@@ -179,6 +184,7 @@ impl fmt::Debug for BusConfig {
             .field("queue_type", &self.queue_type)
             .field("retry", &self.retry)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("inbox_retention", &self.inbox_retention)
             .finish()
     }
 }
@@ -202,6 +208,10 @@ pub fn redact(url: &str) -> String {
 /// 5 ms for company" in `docs/benchmarks.md`.
 const DEFAULT_BATCH_LINGER_MS: u64 = 5;
 
+/// See [`BusConfig::inbox_retention`]: a week, far longer than any redelivery (seconds) and
+/// long enough for a dead-lettered event to be looked at and replayed.
+const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
 /// Default broker URL: the local RabbitMQ, default vhost.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -209,7 +219,7 @@ impl BusConfig {
     /// Reads `SLUICE_AMQP_URL`, `SLUICE_AMQP_CA_FILE`, `SLUICE_PREFETCH`, `SLUICE_BATCH`,
     /// `SLUICE_BATCH_LINGER_MS`, `SLUICE_QUEUE_TYPE`,
     /// `SLUICE_RETRY_BASE_MS`, `SLUICE_RETRY_FACTOR`, `SLUICE_RETRY_MAX_DELAY_MS`,
-    /// `SLUICE_RETRY_MAX_ATTEMPTS` and `SLUICE_CONFIRM_TIMEOUT_MS`.
+    /// `SLUICE_RETRY_MAX_ATTEMPTS`, `SLUICE_CONFIRM_TIMEOUT_MS` and `SLUICE_INBOX_RETENTION_SECS`.
     pub fn from_source(source: &impl Source) -> Result<Self, ConfigError> {
         let mut url = source.get("SLUICE_AMQP_URL").unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
         let uri = AMQPUri::from_str(&url)
@@ -240,6 +250,7 @@ impl BusConfig {
         let confirm_ms: u64 = parse_or(source, "SLUICE_CONFIRM_TIMEOUT_MS", 5_000)?;
         let batch = parse_count(source, "SLUICE_BATCH")?;
         let batch_linger = Duration::from_millis(parse_or(source, "SLUICE_BATCH_LINGER_MS", DEFAULT_BATCH_LINGER_MS)?);
+        let retention_secs: u64 = parse_or(source, "SLUICE_INBOX_RETENTION_SECS", DEFAULT_INBOX_RETENTION.as_secs())?;
         Ok(Self {
             url,
             prefetch,
@@ -248,6 +259,7 @@ impl BusConfig {
             queue_type: parse_or(source, "SLUICE_QUEUE_TYPE", QueueType::Quorum)?,
             retry,
             confirm_timeout: Duration::from_millis(confirm_ms.max(1)),
+            inbox_retention: (retention_secs > 0).then(|| Duration::from_secs(retention_secs)),
         })
     }
 
@@ -273,6 +285,7 @@ impl BusConfig {
             queue_type: QueueType::Quorum,
             retry: RetryPolicy::default(),
             confirm_timeout: Duration::from_secs(5),
+            inbox_retention: Some(DEFAULT_INBOX_RETENTION),
         }
     }
 }
@@ -311,8 +324,13 @@ mod tests {
         assert_eq!(config.queue_type, QueueType::Quorum);
         assert_eq!(config.prefetch, None);
         assert_eq!(config.batch_linger, Duration::from_millis(5));
+        assert_eq!(config.inbox_retention, Some(Duration::from_secs(604_800)));
         let off = BusConfig::from_source(&[("SLUICE_BATCH_LINGER_MS", "0")]).unwrap();
         assert_eq!(off.batch_linger, Duration::ZERO);
+        let kept = BusConfig::from_source(&[("SLUICE_INBOX_RETENTION_SECS", "0")]).unwrap();
+        assert_eq!(kept.inbox_retention, None);
+        let day = BusConfig::from_source(&[("SLUICE_INBOX_RETENTION_SECS", "86400")]).unwrap();
+        assert_eq!(day.inbox_retention, Some(Duration::from_secs(86_400)));
     }
 
     #[test]
@@ -323,6 +341,8 @@ mod tests {
         assert_eq!(err.name, "SLUICE_BATCH_LINGER_MS");
         let err = BusConfig::from_source(&[("SLUICE_AMQP_URL", "http://x")]).unwrap_err();
         assert_eq!(err.name, "SLUICE_AMQP_URL");
+        let err = BusConfig::from_source(&[("SLUICE_INBOX_RETENTION_SECS", "7d")]).unwrap_err();
+        assert_eq!(err.name, "SLUICE_INBOX_RETENTION_SECS");
         let err = BusConfig::from_source(&[("SLUICE_QUEUE_TYPE", "stream")]).unwrap_err();
         assert!(err.to_string().contains("quorum"), "{err}");
         let err = database_url(&[("DATABASE_URL", "mysql://x")], "orders").unwrap_err();

@@ -84,6 +84,8 @@ pub struct Metrics {
     pub retries: Family<Queue, Counter>,
     /// Deliveries dead-lettered.
     pub dead_lettered: Family<DeadLetter, Counter>,
+    /// Inbox records deleted after the retention (`SLUICE_INBOX_RETENTION_SECS`).
+    pub inbox_pruned: Counter,
     /// Deliveries being handled now.
     pub in_flight: Family<Queue, Gauge>,
     /// 1 while a broker connection is up, 0 otherwise.
@@ -111,6 +113,7 @@ impl Metrics {
             handler_latency: Family::new_with_constructor(latency_buckets),
             retries: Family::default(),
             dead_lettered: Family::default(),
+            inbox_pruned: Counter::default(),
             in_flight: Family::default(),
             connection_up: Family::default(),
             requests: Family::default(),
@@ -128,6 +131,7 @@ impl Metrics {
         registry.register("handler_latency_seconds", "Handling of one delivery", metrics.handler_latency.clone());
         registry.register("retries", "Deliveries sent for a delayed retry", metrics.retries.clone());
         registry.register("dead_lettered", "Deliveries dead-lettered", metrics.dead_lettered.clone());
+        registry.register("inbox_pruned", "Inbox records deleted after the retention", metrics.inbox_pruned.clone());
         registry.register("in_flight", "Deliveries being handled", metrics.in_flight.clone());
         registry.register("connection_up", "Broker connection state", metrics.connection_up.clone());
         registry.register("grpc_requests", "gRPC requests by method and code", metrics.requests.clone());

@@ -48,7 +48,7 @@ use super::{
     connection::{BoxFuture, Link, Session},
     handler::{Context, DRAIN_TIMEOUT, Handler, HandlerError, Metadata, Responder},
     headers::{self, Envelope},
-    relay, spans, topology,
+    relay, retention, spans, topology,
 };
 use crate::{config::BusConfig, events::Event, shutdown::Shutdown, store::{self, Staged, Store, Tx}};
 
@@ -611,8 +611,12 @@ impl ConsumerBuilder {
         let link = Link::open(&self.config.url, &format!("{}.consumer", self.service), session).await?;
         let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(relay::run(self.store.clone(), publisher.clone(), relay_stop.clone()));
+        let pruner = self
+            .config
+            .inbox_retention
+            .map(|retention| tokio::spawn(retention::run(self.store.clone(), self.service.clone(), retention, relay_stop.clone())));
         tracing::info!(service = %self.service, "consuming");
-        Ok(Consumer { service: self.service, link, publisher, intake, tracker, relay, relay_stop })
+        Ok(Consumer { service: self.service, link, publisher, intake, tracker, relay, pruner, relay_stop })
     }
 }
 
@@ -981,6 +985,8 @@ pub struct Consumer {
     intake: CancellationToken,
     tracker: TaskTracker,
     relay: tokio::task::JoinHandle<()>,
+    /// Prunes the inbox (`retention`), stopped with the relay.
+    pruner: Option<tokio::task::JoinHandle<()>>,
     relay_stop: CancellationToken,
 }
 
@@ -1019,6 +1025,9 @@ impl Consumer {
         }
         self.relay_stop.cancel();
         let _ = self.relay.await;
+        if let Some(pruner) = self.pruner {
+            let _ = pruner.await;
+        }
         // Close the channels before the connection (lapin reports channels still open when
         // their connection closes as a connection error).
         let closes = consumers.iter().flat_map(|c| c.0.iter()).map(|(channel, _)| {

@@ -24,6 +24,7 @@ pub mod handler;
 pub mod headers;
 pub mod publisher;
 mod relay;
+mod retention;
 mod spans;
 pub mod rpc;
 pub mod tap;

@@ -49,6 +49,7 @@ pub struct Migration {
 
 const BUS_SQLITE: &str = include_str!("migrations/sqlite/0001_inbox_outbox.sql");
 const BUS_POSTGRES: &str = include_str!("migrations/postgres/0001_inbox_outbox.sql");
+const BUS_POSTGRES_INBOX_AGE: &str = include_str!("migrations/postgres/0002_inbox_received_at.sql");
 
 /// Which database a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +126,16 @@ impl Store {
             }),
             false,
         )];
+        if backend == Backend::Postgres {
+            // SQLite needs no index to prune the inbox: its rows are read in rowid order.
+            all.push(SqlxMigration::new(
+                2,
+                Cow::Borrowed("sluice inbox by age"),
+                MigrationType::Simple,
+                Cow::Borrowed(BUS_POSTGRES_INBOX_AGE),
+                false,
+            ));
+        }
         for m in migrations {
             if m.version < 100 {
                 return Err(Error::Migrate(sqlx::migrate::MigrateError::VersionMissing(m.version)));
@@ -260,7 +271,55 @@ impl Store {
         let delete = seqs.iter().fold(sqlx::query(&sql), |query, seq| query.bind(*seq));
         delete.execute(&self.pool).await.map(|_| ())
     }
+
+    /// Deletes the inbox records older than `retention`, [`PRUNE_CHUNK`] at a time (each chunk
+    /// its own short statement, so handlers' transactions wait for one chunk at most), and
+    /// returns how many went. A redelivery of an event whose record is gone is handled again:
+    /// the retention must outlast any redelivery or replay that should still be absorbed.
+    ///
+    /// On SQLite each chunk looks at the oldest [`PRUNE_CHUNK`] rows by rowid (insertion order)
+    /// and deletes those that are old enough, so a pass reads the table only up to the first
+    /// chunk with nothing to delete, never all of it. Rows written with a clock set ahead of
+    /// the rest can so hold back the rows behind them until they age out themselves. On
+    /// PostgreSQL the rows are found through a BRIN index on `received_at`.
+    pub async fn prune_inbox(&self, retention: Duration) -> Result<u64, sqlx::Error> {
+        let cutoff = unix_millis().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let mut deleted = 0;
+        loop {
+            let chunk = match &self.writer {
+                // SQLite, on the writer: the pool's connection would wait for the file's lock.
+                Some(writer) => sqlx::query(
+                    "DELETE FROM sluice_inbox WHERE rowid IN (SELECT rowid FROM sluice_inbox ORDER BY rowid LIMIT $1) \
+                     AND received_at < $2",
+                )
+                .bind(PRUNE_CHUNK)
+                .bind(cutoff)
+                .execute(&mut tx::lock(writer).await.conn)
+                .await?
+                .rows_affected(),
+                None => sqlx::query(
+                    "DELETE FROM sluice_inbox WHERE ctid = ANY (ARRAY (SELECT ctid FROM sluice_inbox WHERE received_at < $2 LIMIT $1))",
+                )
+                .bind(PRUNE_CHUNK)
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+            };
+            deleted += chunk;
+            // SQLite: a chunk with fewer deleted than it read had newer rows among its oldest;
+            // the next one reads past what this one deleted.
+            let more = if self.writer.is_some() { chunk > 0 } else { chunk == PRUNE_CHUNK.unsigned_abs() };
+            if !more {
+                return Ok(deleted);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
 }
+
+/// Inbox records deleted per statement by [`Store::prune_inbox`].
+pub const PRUNE_CHUNK: i64 = 1_000;
 
 /// Records that `handler` handles `event_id`. `false` if it already did: a duplicate.
 pub(crate) async fn claim(tx: &mut AnyConnection, event_id: &str, handler: &str) -> Result<bool, sqlx::Error> {

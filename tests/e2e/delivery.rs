@@ -610,7 +610,63 @@ async fn a_query_does_not_wait_for_a_running_transaction() {
 crate::on_both_backends!(
     an_event_a_crash_left_in_the_outbox_is_published_at_start,
     rows_written_for_a_batch_commit_once_and_a_refused_row_fails_only_its_delivery,
+    the_inbox_forgets_a_handled_event_after_the_retention_and_not_before,
 );
+
+/// The inbox keeps a handled event's record for `SLUICE_INBOX_RETENTION_SECS` and no longer.
+/// Within it a redelivery has no second effect; after it the record is pruned (at the
+/// consumer's start, then every tenth of the retention), and the same event would be handled
+/// again. Records that are not old enough stay, even ahead of old ones in the table.
+async fn the_inbox_forgets_a_handled_event_after_the_retention_and_not_before(backend: Backend) {
+    let retention = Duration::from_secs(5);
+    let rig = Rig::new(backend, |bus| bus.inbox_retention = Some(retention)).await;
+    let now = sluice::store::unix_millis();
+    // First a record from a clock an hour ahead (on SQLite, at the head of the table's order),
+    // then more stale records than one pruning statement deletes.
+    let record = "INSERT INTO sluice_inbox (event_id, handler, received_at) VALUES ('ahead', 'flaky', $1)";
+    sqlx::query(record).bind(now + 3_600_000).execute(rig.store.pool()).await.unwrap();
+    let stale = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
+                 INSERT INTO sluice_inbox (event_id, handler, received_at) SELECT 'stale-' || i, 'flaky', $1 FROM n";
+    sqlx::query(stale).bind(now - 3_600_000).execute(rig.store.pool()).await.unwrap();
+    let pool = rig.store.pool().clone();
+    let count = |pattern: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("SELECT COUNT(*) AS n FROM sluice_inbox WHERE event_id LIKE $1")
+                .bind(pattern)
+                .fetch_one(&pool)
+                .await
+                .ok()?
+                .try_get::<i64, _>("n")
+                .ok()
+        }
+    };
+    assert_eq!(count("stale-%").await, Some(2500));
+
+    let handler = Flaky::default();
+    let running = rig.run(handler.clone()).await;
+    let mut last = None;
+    eventually(|| count("stale-%"), |n| *n == 0, &mut last).await.unwrap_or_else(|| panic!("stale records left: {last:?}"));
+    assert_eq!(count("ahead").await, Some(1), "a record that is not old enough stays");
+
+    rig.publish("e-1").await;
+    rig.wait_effect("e-1").await;
+    let handled = Instant::now();
+    rig.publish("e-1").await;
+    rig.publish("marker").await;
+    rig.wait_effect("marker").await;
+    assert!(handled.elapsed() < retention, "the redelivery came within the retention");
+    rig.assert_deduplicated(&handler, "e-1").await;
+
+    let mut last = None;
+    eventually(|| count("e-1"), |n| *n == 0, &mut last).await.unwrap_or_else(|| panic!("e-1's record stays: {last:?}"));
+    assert!(handled.elapsed() >= retention - Duration::from_secs(1), "pruned after {:?}", handled.elapsed());
+    rig.publish("e-1").await;
+    let mut last = None;
+    eventually(|| async { Some(rig.effects("e-1").await) }, |n| *n == 2, &mut last).await.expect("handled again once forgotten");
+    assert_eq!(count("ahead").await, Some(1));
+    running.stop().await;
+}
 
 /// A committed event the relay never published (the process died first) is only in the
 /// outbox table, not in the relay's memory: the scan at start publishes it, it is handled
