@@ -286,30 +286,35 @@ impl Store {
         let cutoff = unix_millis().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
         let mut deleted = 0;
         loop {
-            let chunk = match &self.writer {
+            let (chunk, more) = match &self.writer {
                 // SQLite, on the writer: the pool's connection would wait for the file's lock.
-                Some(writer) => sqlx::query(
-                    "DELETE FROM sluice_inbox WHERE rowid IN (SELECT rowid FROM sluice_inbox ORDER BY rowid LIMIT $1) \
-                     AND received_at < $2",
-                )
-                .bind(PRUNE_CHUNK)
-                .bind(cutoff)
-                .execute(&mut tx::lock(writer).await.conn)
-                .await?
-                .rows_affected(),
-                None => sqlx::query(
-                    "DELETE FROM sluice_inbox WHERE ctid = ANY (ARRAY (SELECT ctid FROM sluice_inbox WHERE received_at < $2 LIMIT $1))",
-                )
-                .bind(PRUNE_CHUNK)
-                .bind(cutoff)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
+                Some(writer) => {
+                    let chunk = sqlx::query(
+                        "DELETE FROM sluice_inbox WHERE rowid IN (SELECT rowid FROM sluice_inbox ORDER BY rowid LIMIT $1) \
+                         AND received_at < $2",
+                    )
+                    .bind(PRUNE_CHUNK)
+                    .bind(cutoff)
+                    .execute(&mut tx::lock(writer).await.conn)
+                    .await?
+                    .rows_affected();
+                    // Fewer deleted than read means newer rows among the oldest; the next
+                    // statement reads past what this one deleted, until one deletes nothing.
+                    (chunk, chunk > 0)
+                }
+                None => {
+                    let chunk = sqlx::query(
+                        "DELETE FROM sluice_inbox WHERE ctid = ANY (ARRAY (SELECT ctid FROM sluice_inbox WHERE received_at < $2 LIMIT $1))",
+                    )
+                    .bind(PRUNE_CHUNK)
+                    .bind(cutoff)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                    (chunk, chunk == PRUNE_CHUNK.unsigned_abs())
+                }
             };
             deleted += chunk;
-            // SQLite: a chunk with fewer deleted than it read had newer rows among its oldest;
-            // the next one reads past what this one deleted.
-            let more = if self.writer.is_some() { chunk > 0 } else { chunk == PRUNE_CHUNK.unsigned_abs() };
             if !more {
                 return Ok(deleted);
             }
